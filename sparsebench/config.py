@@ -1,0 +1,262 @@
+"""Typed schemas for a composed config, validated before anything touches the disk.
+
+Hydra type-checks only while composing, and our YAML has no structured schema, so range and
+type checks (`sparsity=1.5`, `sparsity=abc`, `epochs=0`, a method option it does not have) all
+happen here and end as one UserError line naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsebench.errors import UserError
+from sparsebench.sparse.allocation import ALLOCATIONS
+
+
+# ---------------------------------------------------------------------------- option parsing
+def _describe(tp) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(m.value for m in tp)
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null", dict: "a mapping"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp) -> Any:
+    """Convert `value` to type `tp` or raise ValueError (bools are never numbers here)."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg)
+            except ValueError:
+                pass
+        raise ValueError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ValueError from None
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    if tp is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ValueError
+    raise TypeError(f"unsupported option type {tp}")
+
+
+def parse_options(cls: type, values: Mapping[str, Any], prefix: str, owner: str):
+    """Build dataclass `cls` from `values`; unknown keys and bad types become one-line errors.
+
+    `prefix` is how the user spells the keys (`method.`), `owner` names what they belong to
+    (`method gap`).
+    """
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            did_you_mean = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            allowed = ", ".join(fields) or "none"
+            raise UserError(f"{prefix}{key} is not an option of {owner}{did_you_mean}; its options: {allowed}")
+    kwargs = {}
+    for key, value in values.items():
+        try:
+            kwargs[key] = _convert(value, hints[key])
+        except ValueError:
+            raise UserError(f"{prefix}{key}={value!r}: expected {_describe(hints[key])}") from None
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- schemas
+class Device(enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Progress(enum.Enum):
+    auto = "auto"  # a tqdm bar only when stderr is a terminal
+    bar = "bar"
+    none = "none"
+
+
+@dataclass
+class RunOptions:
+    """Top-level keys (DESIGN.md CLI contract) and the trainer's own knobs."""
+
+    sparsity: float = 0.9
+    seed: int = 0
+    epochs: int = 40
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    label_smoothing: float = 0.0
+    device: Device = Device.auto
+    amp: bool = False
+    num_workers: int = 0
+    results_root: str = "results"
+    exp: str = "default"
+    progress: Progress = Progress.auto
+    paper: dict | None = None  # published numbers an experiment preset shows beside ours
+
+
+@dataclass
+class SGDOptions:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class AdamOptions:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+OPTIMIZERS = {"sgd": SGDOptions, "adam": AdamOptions, "adamw": AdamOptions}
+
+
+@dataclass
+class ScheduleOptions:
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=list)  # epochs, multistep only
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+SCHEDULES = ("constant", "multistep", "cosine")
+
+
+@dataclass
+class DistributionOptions:
+    dense_first: bool = True
+    dense_last: bool = True
+    dense_layers: list[str] = field(default_factory=list)  # glob patterns of tensor names
+    erk_power_scale: float = 1.0
+    file: str | None = None  # custom allocation only
+
+
+@dataclass
+class Config:
+    """A validated run: every group parsed; model/dataset options are checked by their registries."""
+
+    run: RunOptions
+    method: str
+    method_options: Any
+    model: str
+    model_options: dict
+    dataset: str
+    dataset_options: dict  # data_dir, download and the dataset's own options
+    distribution: str
+    distribution_options: DistributionOptions
+    optimizer: str
+    optimizer_options: Any
+    schedule: str
+    schedule_options: ScheduleOptions
+
+
+def _group(cfg: Mapping, key: str) -> tuple[str, dict]:
+    node = cfg.get(key)
+    if not isinstance(node, Mapping) or "name" not in node:
+        raise UserError(f"{key} must be chosen from its config group (e.g. {key}=<name>), got {node!r}")
+    options = {k: v for k, v in node.items() if k != "name"}
+    return str(node["name"]), options
+
+
+def _check_choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(value, list(allowed), n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise UserError(f"{key}={value!r} is unknown{did_you_mean}; choose one of: {', '.join(allowed)}")
+
+
+def validate(cfg: Mapping) -> Config:
+    """Validate a resolved config (a plain dict); raise UserError on the first bad value."""
+    from sparsebench.methods import METHODS  # late: methods import the engine and torch
+
+    groups = ("method", "model", "dataset", "distribution", "optimizer", "schedule")
+    top = {k: v for k, v in cfg.items() if k not in groups}
+    run = parse_options(RunOptions, top, "", "sparsebench train")
+    if not 0.0 <= run.sparsity < 1.0:
+        raise UserError(f"sparsity={run.sparsity}: expected a fraction of zeros in [0, 1)")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(run, key) < 1:
+            raise UserError(f"{key}={getattr(run, key)}: expected a positive integer")
+    if run.seed < 0 or run.num_workers < 0:
+        raise UserError("seed and num_workers must be non-negative integers")
+    if not 0.0 <= run.label_smoothing < 1.0:
+        raise UserError(f"label_smoothing={run.label_smoothing}: expected a value in [0, 1)")
+    if not run.exp or ".." in run.exp.split("/"):
+        raise UserError(f"exp={run.exp!r}: expected a non-empty name without '..'")
+
+    method, method_raw = _group(cfg, "method")
+    method_cls = METHODS.get(method)
+    method_options = parse_options(method_cls.Options, method_raw, "method.", f"method {method}")
+
+    distribution, dist_raw = _group(cfg, "distribution")
+    _check_choice("distribution", distribution, ALLOCATIONS)
+    dist_options = parse_options(DistributionOptions, dist_raw, "distribution.", f"distribution {distribution}")
+    if (distribution == "custom") != (dist_options.file is not None):
+        raise UserError("distribution.file is required by distribution=custom and used by no other distribution")
+    if distribution == "global" and not method_cls.supports_global_allocation:
+        raise UserError(
+            f"distribution=global picks layer densities from trained weights, but method {method} draws its "
+            "masks at initialisation; use uniform, er, erk or custom"
+        )
+
+    optimizer, opt_raw = _group(cfg, "optimizer")
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    optimizer_options = parse_options(OPTIMIZERS[optimizer], opt_raw, "optimizer.", f"optimizer {optimizer}")
+    if optimizer_options.lr <= 0:
+        raise UserError(f"optimizer.lr={optimizer_options.lr}: expected a positive learning rate")
+
+    schedule, sched_raw = _group(cfg, "schedule")
+    _check_choice("schedule", schedule, SCHEDULES)
+    schedule_options = parse_options(ScheduleOptions, sched_raw, "schedule.", f"schedule {schedule}")
+    if schedule_options.warmup_epochs < 0 or schedule_options.warmup_epochs >= run.epochs:
+        raise UserError(f"schedule.warmup_epochs={schedule_options.warmup_epochs}: expected a value in [0, epochs)")
+
+    model, model_options = _group(cfg, "model")
+    dataset, dataset_options = _group(cfg, "dataset")
+    return Config(
+        run, method, method_options, model, model_options, dataset, dataset_options,
+        distribution, dist_options, optimizer, optimizer_options, schedule, schedule_options,
+    )

@@ -1,0 +1,139 @@
+"""The one small base class every sparsity method subclasses (after jaxpruner's design).
+
+A method sees the MaskedModel, the step counters and the optimizer through hooks the trainer
+calls at fixed points of a training step; it returns nothing and changes masks only through the
+engine (which keeps the invariants). It never reads files or parses config: its options arrive
+as a validated dataclass.
+
+    trainer step t:  method.before_step(ctx)       # scheduled mask changes (GMP, GaP phases)
+                     forward, loss, backward
+                     method.after_backward(ctx)    # dense gradients are still in .grad here
+                     engine.mask_gradients()       # if method.mask_gradients
+                     optimizer.step(); engine.apply_masks()
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from sparsebench.registry import Registry
+from sparsebench.sparse.allocation import global_magnitude_densities
+from sparsebench.sparse.masked import MaskedModel
+
+
+@dataclass
+class SparsityTarget:
+    """What the run asks for: a global sparsity and how it is spread over the tensors."""
+
+    sparsity: float
+    allocation: str  # uniform | er | erk | custom | global
+    densities: dict[str, float] | None  # fixed per-tensor targets; None for `global`
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.sparsity
+
+
+@dataclass
+class StepContext:
+    """What a hook may look at or ask of the trainer at one step."""
+
+    step: int  # the step about to run (0-based), counted over the whole run
+    total_steps: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    reset_optimizer: Callable[[], None]  # forget all optimizer state (a fresh run's optimizer)
+    restart_lr: Callable[[int], None]  # restart the LR schedule over the next n steps
+    log: Callable[[str], None]
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+METHODS: Registry[type["SparsityMethod"]] = Registry("method")
+
+
+class SparsityMethod:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    # False for `dense`: its runs ignore `sparsity` and are stored at sparsity 0.
+    uses_sparsity: ClassVar[bool] = True
+    # Methods that prune trained weights may resolve a `global` magnitude allocation; methods
+    # that draw masks at initialisation need the densities up front.
+    supports_global_allocation: ClassVar[bool] = False
+    mask_gradients: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        options,
+        engine: MaskedModel,
+        target: SparsityTarget,
+        total_steps: int,
+        steps_per_epoch: int,
+        generator: torch.Generator,
+    ):
+        self.options = options
+        self.engine = engine
+        self.target = target
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.generator = generator  # the method's own RNG: random masks, random partitions
+        self.validate()
+
+    # ---------------------------------------------------------------- hooks
+    def validate(self) -> None:
+        """Raise UserError for options that cannot work with this model or schedule."""
+
+    def start(self, ctx: StepContext) -> None:
+        """Initial masks, before the first step of a fresh (not resumed) run."""
+
+    def before_step(self, ctx: StepContext) -> None:
+        pass
+
+    def after_backward(self, ctx: StepContext) -> None:
+        pass
+
+    def dense_weight_grad(self, step: int) -> bool:
+        """True where this step needs the dense weight gradient (FLOPs: 2 f_S + f_D)."""
+        return False
+
+    def state_dict(self) -> dict:
+        """Method state beyond the masks and the step (which the trainer checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    def random_start(self, ctx: StepContext) -> None:
+        """Exact-count uniformly random masks at the target densities (static sparse init)."""
+        densities = self.target.densities
+        masks = self.engine.random_masks(densities, self.generator)
+        self.engine.set_masks(masks, densities, ctx.optimizer)
+
+    def magnitude_prune(
+        self,
+        optimizer: torch.optim.Optimizer,
+        names: Iterable[str] | None = None,
+        sparsity: float | None = None,
+    ) -> None:
+        """Prune `names` (default: all) by magnitude to `sparsity` (default: the target).
+
+        Layer-wise allocations scale each tensor's target sparsity s_l by sparsity/s (so a
+        schedule's intermediate sparsity keeps the allocation's shape); `global` puts one
+        magnitude threshold over all prunable tensors.
+        """
+        names = list(self.engine.names if names is None else names)
+        sparsity = self.target.sparsity if sparsity is None else sparsity
+        if self.target.allocation == "global":
+            densities = global_magnitude_densities(self.engine, 1.0 - sparsity)
+            densities = {n: densities[n] for n in names}
+        else:
+            scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
+            densities = {n: 1.0 - scale * (1.0 - self.target.densities[n]) for n in names}
+        self.engine.set_masks(self.engine.magnitude_masks(densities), densities, optimizer)

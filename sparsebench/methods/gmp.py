@@ -1,0 +1,50 @@
+"""`gmp`: gradual magnitude pruning (Zhu & Gupta 2017, arXiv 1710.01878; ALGORITHMS.md section 4).
+
+Every `frequency` steps between `begin` and `end` (fractions of training) the network is pruned
+by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (their eq. 1); pruned weights
+never come back. Defaults follow RigL's pruning baseline on CIFAR (begin 20k, end 75k of 97.6k
+steps, i.e. about 0.2 and 0.75 of training).
+"""
+from dataclasses import dataclass
+
+from sparsebench.errors import UserError
+from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
+from sparsebench.schedules import cubic_sparsity
+
+
+@dataclass
+class GMPOptions:
+    initial_sparsity: float = 0.0
+    begin: float = 0.2  # fraction of training at which pruning starts (t0)
+    end: float = 0.75  # fraction of training at which the target sparsity is reached
+    frequency: int = 100  # steps between pruning events (dt)
+
+
+@METHODS.register("gmp")
+class GMP(SparsityMethod):
+    Options = GMPOptions
+    supports_global_allocation = True
+
+    def validate(self) -> None:
+        o = self.options
+        if not 0.0 <= o.begin < o.end < 1.0:
+            raise UserError(f"method.begin={o.begin}, method.end={o.end}: need 0 <= begin < end < 1")
+        if o.frequency < 1:
+            raise UserError(f"method.frequency={o.frequency}: expected a positive number of steps")
+        if not 0.0 <= o.initial_sparsity <= self.target.sparsity:
+            raise UserError(
+                f"method.initial_sparsity={o.initial_sparsity}: expected a value in [0, sparsity={self.target.sparsity}]"
+            )
+        self.begin_step = int(o.begin * self.total_steps)
+        self.end_step = int(o.end * self.total_steps)
+
+    def sparsity_at(self, step: int) -> float:
+        return cubic_sparsity(step, self.options.initial_sparsity, self.target.sparsity, self.begin_step, self.end_step)
+
+    def before_step(self, ctx: StepContext) -> None:
+        t = ctx.step
+        on_grid = t >= self.begin_step and (t - self.begin_step) % self.options.frequency == 0
+        if (on_grid and t <= self.end_step) or t == self.end_step:
+            sparsity = self.sparsity_at(t)
+            if sparsity > 0:
+                self.magnitude_prune(ctx.optimizer, sparsity=sparsity)

@@ -1,0 +1,176 @@
+"""Run directories and the files in them: atomic writes, tolerant reads, one process per run.
+
+Layout (DESIGN.md contract): results_root/exp/<dataset>/<model>/<method>/sparsity=<s>/seed=<k>-<hash>/
+holding config.yaml, metrics.jsonl, checkpoint.pt (while running), model.pt and final.json.
+The hash covers the whole resolved config except keys that do not change the result (where
+results go, how progress is shown), so two differing configs never share a directory and the
+same config always maps to the same one: finished runs are skipped, half-done ones resumed.
+This module never imports models; torch appears only to save tensors.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+from sparsebench.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".lock"
+
+# Keys that say where or how a run is shown, not what it computes.
+NON_SEMANTIC_KEYS = ("results_root", "exp", "progress", "num_workers", "paper")
+NON_SEMANTIC_DATASET_KEYS = ("data_dir", "download")
+
+
+def config_hash(resolved: Mapping) -> str:
+    semantic = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS}
+    if isinstance(semantic.get("dataset"), Mapping):
+        semantic["dataset"] = {
+            k: v for k, v in semantic["dataset"].items() if k not in NON_SEMANTIC_DATASET_KEYS
+        }
+    canonical = json.dumps(semantic, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:8]
+
+
+def run_dir(resolved: Mapping) -> Path:
+    sparsity = resolved["sparsity"]
+    return (
+        Path(resolved["results_root"])
+        / resolved["exp"]
+        / resolved["dataset"]["name"]
+        / resolved["model"]["name"]
+        / resolved["method"]["name"]
+        / f"sparsity={sparsity:g}"
+        / f"seed={resolved['seed']}-{config_hash(resolved)}"
+    )
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, flush, fsync, rename: readers see all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _json_safe(obj):
+    """NaN/inf are not JSON: store them as null so every reader can parse the file."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+def append_jsonl(path: Path, obj) -> None:
+    """One line per record, fsynced: a crash can tear at most the last line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_json_safe(obj), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete records; a torn (unparseable) last line from a killed run is dropped."""
+    records = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """On resume, keep only records up to the checkpointed epoch (later ones will be redone)."""
+    kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= last_epoch]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+# ---------------------------------------------------------------------------- directories
+def create_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
+        raise UserError(f"results_root: cannot write run directory {path} ({reason})") from None
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[bool]:
+    """Yield True if this process holds the run's lock, False if another process trains it.
+
+    flock is released by the kernel when a process dies, so a killed run never leaves a stale
+    lock behind.
+    """
+    with open(path / LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / FINAL_FILE).is_file()

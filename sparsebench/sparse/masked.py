@@ -1,0 +1,274 @@
+"""MaskedModel: the one place where masks live and where their invariants are kept.
+
+Methods decide *which* entries are active; this engine alone changes masks, and after every
+change it guarantees (DESIGN.md, "the method interface"):
+
+* each prunable tensor has exactly its target number of non-zeros, `target_nnz(N, density)`
+  (no silent under/overshoot: ERK undershooting is sparse_learning#20);
+* masked weights are exactly zero and receive no update (`mask_gradients` before the optimizer
+  step, `apply_masks` after it: weight decay or momentum cannot leak into masked entries);
+* regrown entries start at the value the method asks for (zero by default: RigL, GaP, AC/DC),
+  and their optimizer state (SGD momentum, Adam/AdamW moments, any per-parameter tensor of the
+  weight's shape) is reset, for any torch optimizer;
+* only conv and linear weights are prunable; biases, norms and embeddings never are, and the
+  layers kept dense are named explicitly (`dense_first`, `dense_last`, `dense_patterns`).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# How regrown entries are initialised: "zero", or a callable(shape, device, dtype) -> tensor.
+RegrowInit = str | Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]
+
+
+def target_nnz(numel: int, density: float) -> int:
+    """Active entries of a tensor at `density`: N minus floor(s*N) zeros (RigL's sparse_utils).
+
+    The 1e-6 guards against s*N landing just below an integer in floating point (e.g. a
+    density stored as count/N for a 25M-weight tensor).
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density {density} outside [0, 1]")
+    return numel - math.floor((1.0 - density) * numel + 1e-6)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask with exactly k True entries at the largest scores (ties broken by topk)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.reshape(-1), k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+@dataclass
+class PrunableTensor:
+    name: str  # parameter name in model.named_parameters(), e.g. "layer1.0.conv1.weight"
+    module: nn.Module
+    param: nn.Parameter
+    mask: torch.Tensor  # bool, same shape as param
+    density: float  # current target density; nnz(mask) == target_nnz(numel, density)
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+class MaskInvariantError(AssertionError):
+    """A method asked for a mask that breaks an engine invariant: a bug, never a user error."""
+
+
+class MaskedModel:
+    """Wraps a model: which tensors are prunable, their masks, and every mask change."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dense_first: bool = False,
+        dense_last: bool = False,
+        dense_patterns: Iterable[str] = (),
+    ):
+        self.model = model
+        candidates = [
+            (f"{module_name}.weight" if module_name else "weight", module)
+            for module_name, module in model.named_modules()
+            if isinstance(module, PRUNABLE_TYPES)
+        ]
+        if not candidates:
+            raise ValueError("model has no conv or linear layer to sparsify")
+        patterns = list(dense_patterns)
+        dense = {
+            name
+            for name, _ in candidates
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        }
+        if dense_first:
+            dense.add(candidates[0][0])
+        if dense_last:
+            dense.add(candidates[-1][0])
+        self.dense_names = [name for name, _ in candidates if name in dense]
+        self.tensors: dict[str, PrunableTensor] = {}
+        for name, module in candidates:
+            if name in dense:
+                continue
+            weight = module.weight
+            self.tensors[name] = PrunableTensor(
+                name, module, weight, torch.ones_like(weight, dtype=torch.bool), 1.0
+            )
+        if not self.tensors:
+            raise ValueError("every conv/linear layer is kept dense: nothing left to sparsify")
+        # Tensors whose mask has zeros: the hot-path masking skips dense ones (dense phases of
+        # GaP/AC-DC and the dense baseline then cost nothing extra).
+        self._sparse_names: list[str] = []
+        self.version = 0  # bumped on every mask change; lets callers cache derived numbers
+
+    # ----------------------------------------------------------------- read-only views
+    @property
+    def names(self) -> list[str]:
+        """Prunable tensor names in forward (module registration) order."""
+        return list(self.tensors)
+
+    def densities(self) -> dict[str, float]:
+        """Mask density per prunable tensor (what the method asked for)."""
+        return {n: t.density for n, t in self.tensors.items()}
+
+    def mask_nnz(self) -> dict[str, int]:
+        return {n: int(t.mask.sum()) for n, t in self.tensors.items()}
+
+    def weight_densities(self) -> dict[str, float]:
+        """Non-zero weights per tensor over its size: what a sparse kernel would store."""
+        return {n: int(t.param.count_nonzero()) / t.numel for n, t in self.tensors.items()}
+
+    def actual_sparsity(self) -> float:
+        """Exact zeros over all prunable weights (the `actual_sparsity` of final.json)."""
+        total = sum(t.numel for t in self.tensors.values())
+        nonzero = sum(int(t.param.count_nonzero()) for t in self.tensors.values())
+        return 1.0 - nonzero / total
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: t.mask.clone() for n, t in self.tensors.items()}
+
+    # ----------------------------------------------------------------- hot path
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """grad <- M * grad: masked weights get no gradient, so no momentum either."""
+        for name in self._sparse_names:
+            t = self.tensors[name]
+            if t.param.grad is not None:
+                t.param.grad.mul_(t.mask)
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """W <- M * W after the optimizer step (weight decay or stale momentum cannot revive it)."""
+        for name in self._sparse_names:
+            t = self.tensors[name]
+            t.param.mul_(t.mask)
+
+    # ----------------------------------------------------------------- mask changes
+    @torch.no_grad()
+    def set_mask(
+        self,
+        name: str,
+        new_mask: torch.Tensor,
+        density: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        regrow_init: RegrowInit = "zero",
+    ) -> tuple[int, int]:
+        """Install `new_mask` on tensor `name` at target `density`; returns (dropped, grown).
+
+        Dropped entries are zeroed. Grown entries (0 -> 1) are set by `regrow_init` and their
+        optimizer state is reset. An entry dropped and regrown in the same call is unchanged
+        and keeps its value (RigL: "a just-dropped connection that is regrown keeps its weight").
+        """
+        t = self.tensors[name]
+        new_mask = new_mask.to(dtype=torch.bool, device=t.mask.device)
+        if new_mask.shape != t.mask.shape:
+            raise MaskInvariantError(f"{name}: mask shape {tuple(new_mask.shape)} != {tuple(t.mask.shape)}")
+        expected = target_nnz(t.numel, density)
+        nnz = int(new_mask.sum())
+        if nnz != expected:
+            raise MaskInvariantError(
+                f"{name}: mask has {nnz} active entries, density {density} needs exactly {expected}"
+            )
+        grown = new_mask & ~t.mask
+        dropped = t.mask & ~new_mask
+        n_grown, n_dropped = int(grown.sum()), int(dropped.sum())
+        if n_grown:
+            if regrow_init == "zero":
+                t.param[grown] = 0.0
+            elif callable(regrow_init):
+                t.param[grown] = regrow_init(t.param.shape, t.param.device, t.param.dtype)[grown]
+            else:
+                raise ValueError(f"unknown regrow_init {regrow_init!r}")
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, t.param, grown)
+        t.mask.copy_(new_mask)
+        t.param.mul_(t.mask)
+        t.density = density
+        self._refresh_sparse_names()
+        self.version += 1
+        return n_dropped, n_grown
+
+    def set_masks(
+        self,
+        masks: Mapping[str, torch.Tensor],
+        densities: Mapping[str, float],
+        optimizer: torch.optim.Optimizer | None = None,
+        regrow_init: RegrowInit = "zero",
+    ) -> dict[str, tuple[int, int]]:
+        return {
+            n: self.set_mask(n, m, densities[n], optimizer, regrow_init) for n, m in masks.items()
+        }
+
+    def random_masks(
+        self, densities: Mapping[str, float], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Uniformly random masks with exact counts (RigL's get_mask_random)."""
+        out = {}
+        for name, density in densities.items():
+            t = self.tensors[name]
+            scores = torch.rand(t.param.shape, generator=generator).to(t.param.device)
+            out[name] = topk_mask(scores, target_nnz(t.numel, density))
+        return out
+
+    def magnitude_masks(self, densities: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        """Per-tensor top-|W| masks. Inactive entries score -1 so they lose every tie with an
+        active weight that happens to be exactly zero (a weight grown at 0 and not yet moved)."""
+        out = {}
+        for name, density in densities.items():
+            t = self.tensors[name]
+            scores = torch.where(t.mask, t.param.detach().abs(), torch.full_like(t.param, -1.0))
+            out[name] = topk_mask(scores, target_nnz(t.numel, density))
+        return out
+
+    def grow_dense(
+        self, names: Iterable[str], optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """Make tensors fully dense; regrown entries start at zero (GaP, AC/DC decompression)."""
+        return {
+            n: self.set_mask(n, torch.ones_like(self.tensors[n].mask), 1.0, optimizer)
+            for n in names
+        }
+
+    def _refresh_sparse_names(self) -> None:
+        self._sparse_names = [n for n, t in self.tensors.items() if t.density < 1.0]
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "masks": {n: t.mask.clone() for n, t in self.tensors.items()},
+            "densities": self.densities(),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for name, t in self.tensors.items():
+            t.mask.copy_(state["masks"][name])
+            t.density = float(state["densities"][name])
+        self._refresh_sparse_names()
+        self.version += 1
+
+
+@torch.no_grad()
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, param: torch.Tensor, entries: torch.Tensor
+) -> None:
+    """Zero every per-entry optimizer buffer of `param` at `entries`.
+
+    Works for any torch optimizer: SGD's momentum_buffer, Adam/AdamW's exp_avg, exp_avg_sq and
+    max_exp_avg_sq are all tensors shaped like the parameter; scalar state (Adam's `step`) is
+    shared by the whole tensor and left alone. Peers reset only SGD momentum while advertising
+    Adam (condensed-sparsity) or defined the reset and never called it (GraNet).
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            value[entries] = 0

@@ -1,0 +1,306 @@
+"""The trainer: one run from a validated config to final.json, readable top to bottom.
+
+It builds data, model, engine, optimizer and method, then runs the loop; it never knows which
+method runs (the method acts only through its hooks). Every epoch it evaluates, appends a line
+to metrics.jsonl and writes a checkpoint; a killed run resumes from its last checkpoint with
+model, masks, optimizer, LR schedule position, method state and every RNG restored, and data
+order is a function of (seed, epoch) so the resumed epochs see the same batches.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sparsebench import results
+from sparsebench.config import Config, Device, Progress
+from sparsebench.data import DatasetBundle, load_dataset
+from sparsebench.errors import UserError
+from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext
+from sparsebench.models import create_model
+from sparsebench.schedules import lr_at
+from sparsebench.sparse.allocation import layer_densities
+from sparsebench.sparse.flops import FlopCounter, layer_forward_flops
+from sparsebench.sparse.masked import MaskedModel
+
+
+def log(message: str) -> None:
+    tqdm.write(message, file=sys.stdout)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: Device) -> torch.device:
+    if choice is Device.cuda and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA device is available here; use device=auto or device=cpu")
+    if choice is Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optimizer_options
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+    adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def sparsity_target(cfg: Config, engine: MaskedModel, sparsity: float) -> SparsityTarget:
+    d = cfg.distribution_options
+    if cfg.distribution == "global":
+        return SparsityTarget(sparsity, "global", None)
+    shapes = {n: t.param.shape for n, t in engine.tensors.items()}
+    densities = layer_densities(cfg.distribution, shapes, sparsity, d.erk_power_scale, d.file)
+    return SparsityTarget(sparsity, cfg.distribution, densities)
+
+
+@dataclass
+class Run:
+    """Everything built from the config before the run directory exists (so bad input leaves no trace)."""
+
+    cfg: Config
+    data: DatasetBundle
+    model: torch.nn.Module
+    engine: MaskedModel
+    method: SparsityMethod
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps_per_epoch: int
+
+
+def build_run(cfg: Config, sparsity: float) -> Run:
+    run = cfg.run
+    seed_everything(run.seed)
+    device = pick_device(run.device)
+    data = load_dataset(cfg.dataset, **cfg.dataset_options)
+    model = create_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options).to(device)
+    d = cfg.distribution_options
+    try:
+        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers)
+    except ValueError as exc:
+        raise UserError(f"distribution: {exc} (model {cfg.model})") from None
+    steps_per_epoch = math.ceil(len(data.train) / run.batch_size)
+    target = sparsity_target(cfg, engine, sparsity)
+    method_cls = METHODS.get(cfg.method)
+    generator = torch.Generator().manual_seed(run.seed + 1)
+    method = method_cls(cfg.method_options, engine, target, run.epochs * steps_per_epoch, steps_per_epoch, generator)
+    optimizer = build_optimizer(cfg, model)
+    return Run(cfg, data, model, engine, method, optimizer, device, steps_per_epoch)
+
+
+def train_loader(run: Run, epoch: int) -> DataLoader:
+    """Shuffled by a generator seeded from (seed, epoch): a resumed epoch sees the same batches."""
+    generator = torch.Generator().manual_seed(run.cfg.run.seed * 1_000_003 + epoch)
+    return DataLoader(
+        run.data.train, batch_size=run.cfg.run.batch_size, shuffle=True, generator=generator,
+        num_workers=run.cfg.run.num_workers, pin_memory=run.device.type == "cuda",
+    )
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> tuple[float, float, float]:
+    """(mean test loss, top-1 test accuracy in %)."""
+    model = run.model
+    model.eval()
+    loader = DataLoader(run.data.test, batch_size=run.cfg.run.eval_batch_size, num_workers=run.cfg.run.num_workers)
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(run.device), y.to(run.device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train()
+    return loss_sum / count, 100.0 * correct / count
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: Config, resolved: dict, config_yaml: str) -> Path:
+    """Train one run into its directory; returns the directory. Skips a completed run."""
+    sparsity = cfg.run.sparsity
+    run = build_run(cfg, sparsity)  # every user error surfaces here, before any directory exists
+    path = results.run_dir(resolved)
+    if results.is_complete(path):
+        log(f"already complete, skipped: {path}")
+        return path
+    results.create_run_dir(path)
+    with results.run_lock(path) as locked:
+        if not locked:
+            log(f"another process is training this run, skipped: {path}")
+            return path
+        if results.is_complete(path):  # finished by another process while we waited
+            return path
+        results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
+        _train_locked(run, path, sparsity)
+    return path
+
+
+def _train_locked(run: Run, path: Path, sparsity: float) -> None:
+    cfg, model, engine, method, device = run.cfg, run.model, run.engine, run.method, run.device
+    o, sched = cfg.run, cfg.schedule_options
+    total_steps = o.epochs * run.steps_per_epoch
+    counter = FlopCounter(layer_forward_flops(model, run.data.input_shape))
+    use_amp = o.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    if o.amp and not use_amp:
+        log("amp=true needs CUDA; training in float32 on the CPU")
+
+    state = {"epoch": 0, "step": 0, "train_flops": 0.0, "train_flops_dense": 0.0, "best_test_acc": 0.0,
+             "lr_origin": 0, "lr_span": total_steps, "wall_time_s": 0.0}
+
+    def reset_optimizer() -> None:
+        run.optimizer.state.clear()
+
+    def restart_lr(span: int) -> None:
+        state["lr_origin"], state["lr_span"] = state["step"], span
+
+    ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log)
+    checkpoint_path = path / results.CHECKPOINT_FILE
+    if checkpoint_path.is_file():
+        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        engine.load_state_dict(ckpt["engine"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        method.load_state_dict(ckpt["method"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt["trainer"])
+        set_rng_state(ckpt["rng"])
+        results.truncate_metrics(path / results.METRICS_FILE, state["epoch"])
+        log(f"resuming {path} from epoch {state['epoch']}")
+    else:
+        (path / results.METRICS_FILE).unlink(missing_ok=True)
+        method.start(ctx)
+    masks_at_last_eval = engine.masks()
+
+    show_bar = o.progress is Progress.bar or (o.progress is Progress.auto and sys.stderr.isatty())
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not show_bar, unit="step", leave=False)
+    flops_cache = (-1, False, 0.0)  # (engine version, dense grad?, per-example step FLOPs)
+    started = time.perf_counter() - state["wall_time_s"]
+    model.train()
+    for epoch in range(state["epoch"], o.epochs):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in train_loader(run, epoch):
+            ctx.step = state["step"]
+            method.before_step(ctx)
+            lr = lr_at(
+                state["step"] - state["lr_origin"], state["lr_span"], cfg.optimizer_options.lr, cfg.schedule,
+                round(sched.warmup_epochs * run.steps_per_epoch),
+                [m * run.steps_per_epoch for m in sched.milestones], sched.gamma, sched.min_lr,
+            )
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
+            if not torch.isfinite(loss):
+                _write_diverged(path, run, sparsity, state, started)
+                bar.close()
+                log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
+                return
+            run.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            method.after_backward(ctx)
+            if method.mask_gradients:
+                engine.mask_gradients()
+            scaler.step(run.optimizer)
+            scaler.update()
+            engine.apply_masks()
+
+            dense_grad = method.dense_weight_grad(state["step"])
+            if flops_cache[:2] != (engine.version, dense_grad):
+                flops_cache = (engine.version, dense_grad, counter.train_step(engine.densities(), dense_grad))
+            state["train_flops"] += flops_cache[2] * len(y)
+            state["train_flops_dense"] += counter.dense_train_step() * len(y)
+            state["step"] += 1
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+
+        test_loss, test_acc = evaluate(run)
+        state["epoch"] = epoch + 1
+        state["best_test_acc"] = max(state["best_test_acc"], test_acc)
+        state["wall_time_s"] = time.perf_counter() - started
+        masks = engine.masks()
+        changed = sum(int((masks[n] != masks_at_last_eval[n]).sum()) for n in masks)
+        masks_at_last_eval = masks
+        record = {
+            "epoch": epoch + 1, "step": state["step"], "lr": lr,
+            "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
+            "weights_changed": changed, "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
+        }
+        results.append_jsonl(path / results.METRICS_FILE, record)
+        bar.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.2f}")
+        if not show_bar and (epoch + 1) % max(1, o.epochs // 8) == 0 or epoch + 1 == o.epochs:
+            log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
+                f"sparsity {record['actual_sparsity']:.4f}")
+        results.atomic_torch_save(checkpoint_path, {
+            "model": model.state_dict(), "engine": engine.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "method": method.state_dict(), "scaler": scaler.state_dict(), "trainer": dict(state), "rng": rng_state(),
+        })
+    bar.close()
+
+    results.atomic_torch_save(path / results.MODEL_FILE, model.state_dict())
+    final = _summary(run, sparsity, state, "completed")
+    final.update(test_acc=test_acc, test_loss=test_loss)
+    results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
+    checkpoint_path.unlink(missing_ok=True)
+    log(f"done: test_acc {test_acc:.2f}  actual_sparsity {final['actual_sparsity']:.4f}  "
+        f"train FLOPs {final['train_flops_ratio']:.3f}x dense  ->  {path}")
+
+
+def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
+    cfg = run.cfg
+    return {
+        "status": status,
+        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
+        "sparsity": sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
+        "actual_sparsity": run.engine.actual_sparsity(),
+        "layer_densities": run.engine.weight_densities(),
+        "dense_layers": run.engine.dense_names,
+        "best_test_acc": state["best_test_acc"],
+        "train_flops": state["train_flops"], "train_flops_dense": state["train_flops_dense"],
+        "train_flops_ratio": state["train_flops"] / max(state["train_flops_dense"], 1.0),
+        "wall_time_s": state["wall_time_s"],
+    }
+
+
+def _write_diverged(path: Path, run: Run, sparsity: float, state: dict, started: float) -> None:
+    state["wall_time_s"] = time.perf_counter() - started
+    final = _summary(run, sparsity, state, "diverged")
+    final.update(diverged_at_step=state["step"], test_acc=float("nan"), test_loss=float("nan"))
+    results.atomic_write_json(path / results.FINAL_FILE, final)
+    (path / results.CHECKPOINT_FILE).unlink(missing_ok=True)
