@@ -94,16 +94,13 @@ def compose_config(overrides: list[str], config_dir: str | None = None) -> DictC
 
 
 def one_line(exc: BaseException) -> str:
-    """Hydra/OmegaConf errors span several lines (hints, full_key, object_type): keep the first."""
-    text = str(exc).strip() or exc.__class__.__name__
-    first = text.splitlines()[0]
-    if "Key '" in text and "is not in struct" in text:
-        key = text.split("Key '")[1].split("'")[0]
-        full_key = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "full_key:" in line), key)
-        return f"unknown key {full_key!r}: no such option (check the spelling; `sparsebench train --cfg job` shows every key)"
-    if first.startswith("In 'config': Could not find"):
-        return first.replace("In 'config': ", "")
-    return first
+    """Hydra/OmegaConf errors span several lines (hints, full_key, object_type): make one."""
+    cause = exc.__cause__ or exc
+    text = str(cause).strip() or cause.__class__.__name__
+    if "is not in struct" in text:
+        full_key = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "full_key:" in line), "?")
+        return f"unknown key {full_key!r}: no such option (`sparsebench train --cfg job` lists every key)"
+    return str(exc).strip().splitlines()[0].replace("In 'config': ", "")
 
 
 def resolve(cfg: DictConfig) -> dict:
