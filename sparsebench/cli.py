@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -34,7 +34,19 @@ commands:
 
 `sparsebench train --help` lists the config groups and their options."""
 
-CONFIG_MODULE = "sparsebench.conf"
+
+
+def config_directory() -> str:
+    """conf/ ships inside the wheel as sparsebench/conf; in a source checkout it sits beside
+    the package. Looking for both by path (not pkg://) works however sparsebench was imported."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError(f"sparsebench's configs are missing: looked in {package / 'conf'} and {package.parent / 'conf'}")
+
+
+CONFIG_DIR = config_directory()
 # Hydra flags that take a value (the value is the next argument unless written with '=').
 FLAGS_WITH_VALUE = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp",
                     "--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun"}
@@ -89,7 +101,7 @@ def compose_config(overrides: list[str], config_dir: str | None = None) -> DictC
     if config_dir:
         extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"]
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[*extra, *overrides])
 
 
@@ -131,7 +143,7 @@ def prevalidate(args: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- the Hydra task
-@hydra.main(version_base="1.3", config_path="pkg://sparsebench.conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def hydra_train(cfg: DictConfig) -> None:
     from sparsebench.config import validate
     from sparsebench.train import train
