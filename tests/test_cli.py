@@ -168,6 +168,16 @@ def test_multirun_writes_one_directory_per_config(tmp_path):
     assert {r.parts[-3] for r in runs} == {"static", "gmp"}
 
 
+@pytest.mark.slow
+def test_submitit_launcher_runs_the_sweep(tmp_path):
+    """The real Hydra submitit plugin (its local executor runs the SLURM code path on one machine)."""
+    proc = run_cli("train", "-m", "hydra/launcher=submitit_local", "method=static,gmp", f"results_root={tmp_path}",
+                   *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = run_dirs(tmp_path)
+    assert len(runs) == 2 and all((r / "final.json").is_file() for r in runs)
+
+
 def test_cfg_job_shows_the_composed_config():
     proc = run_cli("train", "--cfg", "job", "method=gmp", "sparsity=0.95")
     assert proc.returncode == 0
