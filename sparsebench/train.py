@@ -235,6 +235,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
                 engine.mask_gradients()
             scaler.step(run.optimizer)
             scaler.update()
+            method.after_step(ctx)
             engine.apply_masks()
 
             dense_grad = method.dense_weight_grad(state["step"])

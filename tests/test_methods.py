@@ -60,6 +60,7 @@ class Harness:
             if self.method.mask_gradients:
                 self.engine.mask_gradients()
             self.optimizer.step()
+            self.method.after_step(self.ctx)
             self.engine.apply_masks()
             if check:
                 assert_invariants(self.engine)

@@ -9,7 +9,12 @@ as a validated dataclass.
                      forward, loss, backward
                      method.after_backward(ctx)    # dense gradients are still in .grad here
                      engine.mask_gradients()       # if method.mask_gradients
-                     optimizer.step(); engine.apply_masks()
+                     optimizer.step()
+                     method.after_step(ctx)        # weights updated, masks not yet re-applied
+                     engine.apply_masks()
+
+For dry runs (`dry_run=true`) a method also describes its plan without training:
+`mask_update_steps()`, `schedule_value(step)` and `densities_at(step)`.
 """
 from __future__ import annotations
 
@@ -98,9 +103,32 @@ class SparsityMethod:
     def after_backward(self, ctx: StepContext) -> None:
         pass
 
+    def after_step(self, ctx: StepContext) -> None:
+        """After optimizer.step(), before the engine re-applies the masks (DPF's dense shadow)."""
+
     def dense_weight_grad(self, step: int) -> bool:
         """True where this step needs the dense weight gradient (FLOPs: 2 f_S + f_D)."""
         return False
+
+    def artifacts(self) -> dict[str, dict]:
+        """Extra state_dicts to save beside model.pt as <name>.pt (AC/DC's paired dense model)."""
+        return {}
+
+    # ---------------------------------------------------------------- the plan, for dry runs
+    def mask_update_steps(self) -> list[int]:
+        """Steps at which masks may change (before_step/after_backward of that step)."""
+        return []
+
+    def schedule_value(self, step: int) -> tuple[str, float] | None:
+        """The method's scheduled quantity at `step`, e.g. ("sparsity", s_t) or ("drop_fraction", f)."""
+        return None
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        """Planned mask density per tensor during `step` (FLOPs of a dry run). A `global`
+        allocation is only known once trained weights exist: estimated as uniform."""
+        if self.target.densities is None:
+            return {n: self.target.density for n in self.engine.names}
+        return dict(self.target.densities)
 
     def state_dict(self) -> dict:
         """Method state beyond the masks and the step (which the trainer checkpoints)."""

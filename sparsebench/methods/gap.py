@@ -208,8 +208,11 @@ class GaP(SparsityMethod):
         }
 
     def _restore(self, snapshot: dict) -> None:
+        explored = {n: m.clone() for n, m in self.engine.ever_active.items()}
         self.engine.model.load_state_dict(snapshot["model"])
         self.engine.load_state_dict(snapshot["engine"])
+        for name, mask in explored.items():  # what replicas explored stays explored
+            self.engine.ever_active[name] |= mask
 
     def _finish_replica(self, replica: int, ctx: StepContext) -> None:
         self._prune_to_target(self.partitions[replica], ctx.optimizer)

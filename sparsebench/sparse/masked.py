@@ -108,6 +108,10 @@ class MaskedModel:
         # GaP/AC-DC and the dense baseline then cost nothing extra).
         self._sparse_names: list[str] = []
         self.version = 0  # bumped on every mask change; lets callers cache derived numbers
+        # In-time over-parameterisation (Liu et al. 2021): entries active at any time since
+        # `start_exploration_count`; and the (tensor, dropped, grown) of each mask change.
+        self.ever_active = {n: t.mask.clone() for n, t in self.tensors.items()}
+        self.mask_events: list[tuple[str, int, int]] = []
 
     # ----------------------------------------------------------------- read-only views
     @property
@@ -134,6 +138,19 @@ class MaskedModel:
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {n: t.mask.clone() for n, t in self.tensors.items()}
+
+    def start_exploration_count(self) -> None:
+        """Count explored entries from the current masks on (after a method's initial masks)."""
+        self.ever_active = {n: t.mask.clone() for n, t in self.tensors.items()}
+
+    def itop_rate(self) -> float:
+        """Fraction of prunable weights that have ever been active (ITOP's R_s)."""
+        total = sum(t.numel for t in self.tensors.values())
+        return sum(int(m.sum()) for m in self.ever_active.values()) / total
+
+    def pop_mask_events(self) -> list[tuple[str, int, int]]:
+        events, self.mask_events = self.mask_events, []
+        return events
 
     # ----------------------------------------------------------------- hot path
     @torch.no_grad()
@@ -192,6 +209,9 @@ class MaskedModel:
         t.mask.copy_(new_mask)
         t.param.mul_(t.mask)
         t.density = density
+        self.ever_active[name] |= new_mask
+        if n_grown or n_dropped:
+            self.mask_events.append((name, n_dropped, n_grown))
         self._refresh_sparse_names()
         self.version += 1
         return n_dropped, n_grown
@@ -245,12 +265,15 @@ class MaskedModel:
         return {
             "masks": {n: t.mask.clone() for n, t in self.tensors.items()},
             "densities": self.densities(),
+            "ever_active": {n: m.clone() for n, m in self.ever_active.items()},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         for name, t in self.tensors.items():
             t.mask.copy_(state["masks"][name])
             t.density = float(state["densities"][name])
+            if "ever_active" in state:
+                self.ever_active[name].copy_(state["ever_active"][name])
         self._refresh_sparse_names()
         self.version += 1
 

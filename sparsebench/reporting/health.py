@@ -1,0 +1,69 @@
+"""What must not be averaged silently: broken runs, groups short of seeds, seeds run twice."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import pandas as pd
+
+from sparsebench.reporting.aggregate import Grouping, modal_count
+from sparsebench.reporting.load import OK, RESULT_COLUMNS
+
+
+@dataclass(frozen=True)
+class Health:
+    problems: pd.DataFrame  # runs left out of every mean: run, state, problem
+    seed_gaps: pd.DataFrame  # groups with fewer healthy runs than the usual group
+    duplicate_seeds: pd.DataFrame  # groups averaging two runs of one seed, and what tells them apart
+
+    @property
+    def clean(self) -> bool:
+        return self.problems.empty and self.seed_gaps.empty and self.duplicate_seeds.empty
+
+
+def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
+    problems = runs.loc[runs["state"] != OK, ["run", "state", "problem"]].reset_index(drop=True)
+    return Health(problems, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys))
+
+
+def seed_gaps(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Groups with fewer healthy runs than most groups, naming each missing seed and why it is missing."""
+    columns = [*keys, "healthy runs", "expected", "missing seeds"]
+    identified = runs[runs["method"].notna()]  # a config too broken to name its group is listed as failed
+    if identified.empty:
+        return pd.DataFrame(columns=columns)
+    group = identified.groupby(list(keys), dropna=False, sort=True).ngroup()
+    healthy = identified["state"] == OK
+    healthy_seeds: dict[int, list] = defaultdict(list)
+    for group_id, seed in zip(group[healthy], identified.loc[healthy, "seed"]):
+        healthy_seeds[group_id].append(seed)
+    expected_n = modal_count(pd.Series([len(seeds) for seeds in healthy_seeds.values()]))
+    complete_sets = Counter(frozenset(seeds) for seeds in healthy_seeds.values() if len(seeds) == expected_n)
+    expected_seeds = complete_sets.most_common(1)[0][0] if complete_sets else frozenset()
+    why_missing = {
+        (group_id, seed): state
+        for group_id, seed, state in zip(group[~healthy], identified.loc[~healthy, "seed"], identified.loc[~healthy, "state"])
+    }
+    key_values = identified.groupby(group)[list(keys)].first()
+    rows = []
+    for group_id in range(group.max() + 1):
+        seeds = healthy_seeds.get(group_id, [])
+        if len(seeds) >= expected_n:
+            continue
+        missing = sorted(expected_seeds - set(seeds))
+        described = ", ".join(f"{seed} ({why_missing.get((group_id, seed), 'no run')})" for seed in missing)
+        rows.append([*key_values.loc[group_id], len(seeds), expected_n, described or "other seeds than usual"])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def duplicate_seeds(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Groups holding one seed more than once: usually a config key that --group-by does not split on."""
+    columns = [*keys, "seed", "runs", "configs differ in"]
+    healthy = runs[runs["state"] == OK]
+    repeated = healthy[healthy.duplicated([*keys, "seed"], keep=False)]
+    config_columns = [column for column in runs.columns if column not in (*RESULT_COLUMNS, *keys, "seed")]
+    rows = []
+    for key, part in repeated.groupby([*keys, "seed"], dropna=False, sort=True):
+        differing = [column for column in config_columns if part[column].nunique(dropna=False) > 1]
+        rows.append([*key, len(part), ", ".join(differing) or "nothing: the same config ran twice"])
+    return pd.DataFrame(rows, columns=columns)
