@@ -1,7 +1,8 @@
 """Run directories and the files in them: atomic writes, tolerant reads, one process per run.
 
 Layout (DESIGN.md contract): results_root/exp/<dataset>/<model>/<method>/sparsity=<s>/seed=<k>-<hash>/
-holding config.yaml, metrics.jsonl, checkpoint.pt (while running), model.pt and final.json.
+holding config.yaml, metrics.jsonl, mask_updates.jsonl, checkpoint.pt (while running), model.pt
+and final.json.
 The hash covers the whole resolved config except keys that do not change the result (where
 results go, how progress is shown), so two differing configs never share a directory and the
 same config always maps to the same one: finished runs are skipped, half-done ones resumed.
@@ -25,6 +26,7 @@ from sparsebench.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+MASK_UPDATES_FILE = "mask_updates.jsonl"
 FINAL_FILE = "final.json"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -135,9 +137,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def truncate_metrics(path: Path, last_epoch: int) -> None:
-    """On resume, keep only records up to the checkpointed epoch (later ones will be redone)."""
-    kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= last_epoch]
+def truncate_jsonl(path: Path, key: str, last: int) -> None:
+    """On resume, keep only records with record[key] <= last (later ones will be redone)."""
+    kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 

@@ -115,19 +115,35 @@ def train_loader(run: Run, epoch: int) -> DataLoader:
 
 @torch.no_grad()
 def evaluate(run: Run) -> tuple[float, float, float]:
-    """(mean test loss, top-1 test accuracy in %)."""
+    """(mean test loss, top-1 test accuracy in %, expected calibration error in %)."""
     model = run.model
     model.eval()
     loader = DataLoader(run.data.test, batch_size=run.cfg.run.eval_batch_size, num_workers=run.cfg.run.num_workers)
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sum, confidences, hits = 0.0, [], []
     for x, y in loader:
         x, y = x.to(run.device), y.to(run.device)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        count += len(y)
+        confidence, prediction = logits.float().softmax(1).max(1)
+        confidences.append(confidence.cpu())
+        hits.append((prediction == y).cpu())
     model.train()
-    return loss_sum / count, 100.0 * correct / count
+    confidence, hit = torch.cat(confidences), torch.cat(hits)
+    return loss_sum / len(hit), 100.0 * hit.float().mean().item(), 100.0 * expected_calibration_error(confidence, hit)
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017, eq. 3): sum_b |B_b|/n |acc(B_b) - conf(B_b)| over 15 equal-width
+    confidence bins, the metric CigL (Lei et al. 2023) compares sparse methods on."""
+    edges = torch.linspace(0, 1, bins + 1)
+    bin_of = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edge_b, edge_b+1]
+    ece = 0.0
+    for b in range(bins):
+        members = bin_of == b
+        if members.any():
+            gap = correct[members].float().mean() - confidence[members].mean()
+            ece += members.float().mean().item() * abs(gap.item())
+    return ece
 
 
 def rng_state() -> dict:
@@ -195,11 +211,15 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         scaler.load_state_dict(ckpt["scaler"])
         state.update(ckpt["trainer"])
         set_rng_state(ckpt["rng"])
-        results.truncate_metrics(path / results.METRICS_FILE, state["epoch"])
+        results.truncate_jsonl(path / results.METRICS_FILE, "epoch", state["epoch"])
+        results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"])
         log(f"resuming {path} from epoch {state['epoch']}")
     else:
         (path / results.METRICS_FILE).unlink(missing_ok=True)
+        (path / results.MASK_UPDATES_FILE).unlink(missing_ok=True)
         method.start(ctx)
+        engine.start_exploration_count()
+        engine.pop_mask_events()  # the initial masks are not an update
     masks_at_last_eval = engine.masks()
 
     show_bar = o.progress is Progress.bar or (o.progress is Progress.auto and sys.stderr.isatty())
@@ -237,6 +257,8 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             scaler.update()
             method.after_step(ctx)
             engine.apply_masks()
+            if engine.mask_events:
+                log_mask_update(path, state["step"], epoch + 1, engine.pop_mask_events())
 
             dense_grad = method.dense_weight_grad(state["step"])
             if flops_cache[:2] != (engine.version, dense_grad):
@@ -249,7 +271,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             seen += len(y)
             bar.update()
 
-        test_loss, test_acc = evaluate(run)
+        test_loss, test_acc, ece = evaluate(run)
         state["epoch"] = epoch + 1
         state["best_test_acc"] = max(state["best_test_acc"], test_acc)
         state["wall_time_s"] = time.perf_counter() - started
@@ -259,7 +281,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         record = {
             "epoch": epoch + 1, "step": state["step"], "lr": lr,
             "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-            "test_loss": test_loss, "test_acc": test_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
             "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
             "weights_changed": changed, "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
@@ -275,12 +297,24 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
     bar.close()
 
     results.atomic_torch_save(path / results.MODEL_FILE, model.state_dict())
+    for name, artifact in method.artifacts().items():
+        results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, sparsity, state, "completed")
-    final.update(test_acc=test_acc, test_loss=test_loss)
+    final.update(test_acc=test_acc, test_loss=test_loss, ece=ece)
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
     log(f"done: test_acc {test_acc:.2f}  actual_sparsity {final['actual_sparsity']:.4f}  "
         f"train FLOPs {final['train_flops_ratio']:.3f}x dense  ->  {path}")
+
+
+def log_mask_update(path: Path, step: int, epoch: int, events: list[tuple[str, int, int]]) -> None:
+    """One line per step that changed masks: weights dropped and grown per tensor."""
+    layers = {}
+    for name, dropped, grown in events:
+        entry = layers.setdefault(name, {"dropped": 0, "grown": 0})
+        entry["dropped"] += dropped
+        entry["grown"] += grown
+    results.append_jsonl(path / results.MASK_UPDATES_FILE, {"step": step, "epoch": epoch, "layers": layers})
 
 
 def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
@@ -290,6 +324,7 @@ def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
         "actual_sparsity": run.engine.actual_sparsity(),
+        "itop_rate": run.engine.itop_rate(),
         "layer_densities": run.engine.weight_densities(),
         "dense_layers": run.engine.dense_names,
         "best_test_acc": state["best_test_acc"],

@@ -138,6 +138,14 @@ class SparsityMethod:
         pass
 
     # ---------------------------------------------------------------- helpers for subclasses
+    def scaled_densities(self, sparsity: float) -> dict[str, float]:
+        """Per-tensor densities at an intermediate global `sparsity`, keeping the allocation's
+        shape: each tensor's sparsity s_l is scaled by sparsity / s (uniform for `global`)."""
+        if self.target.densities is None:
+            return {n: 1.0 - sparsity for n in self.engine.names}
+        scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
+        return {n: 1.0 - scale * (1.0 - d) for n, d in self.target.densities.items()}
+
     def random_start(self, ctx: StepContext) -> None:
         """Exact-count uniformly random masks at the target densities (static sparse init)."""
         densities = self.target.densities
@@ -162,6 +170,5 @@ class SparsityMethod:
             densities = global_magnitude_densities(self.engine, 1.0 - sparsity)
             densities = {n: densities[n] for n in names}
         else:
-            scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
-            densities = {n: 1.0 - scale * (1.0 - self.target.densities[n]) for n in names}
+            densities = {n: d for n, d in self.scaled_densities(sparsity).items() if n in names}
         self.engine.set_masks(self.engine.magnitude_masks(densities), densities, optimizer)

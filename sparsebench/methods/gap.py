@@ -241,6 +241,17 @@ class GaP(SparsityMethod):
         self._restore({"model": state, "engine": engine_state})
         self.engine.apply_masks()
 
+    # ------------------------------------------------------------ plan
+    def mask_update_steps(self) -> list[int]:
+        return list(range(0, self.finetune_start + 1, self.step_length))
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        densities = dict(self.target.densities)
+        if step < self.finetune_start:  # both variants: one partition dense at a time
+            for name in self.partitions[(step // self.step_length) % self.options.kappa]:
+                densities[name] = 1.0
+        return densities
+
     # ------------------------------------------------------------ resume
     def state_dict(self) -> dict:
         if self.options.variant is GaPVariant.cyclic:

@@ -41,10 +41,23 @@ class GMP(SparsityMethod):
     def sparsity_at(self, step: int) -> float:
         return cubic_sparsity(step, self.options.initial_sparsity, self.target.sparsity, self.begin_step, self.end_step)
 
-    def before_step(self, ctx: StepContext) -> None:
-        t = ctx.step
+    def is_pruning_step(self, t: int) -> bool:
         on_grid = t >= self.begin_step and (t - self.begin_step) % self.options.frequency == 0
-        if (on_grid and t <= self.end_step) or t == self.end_step:
-            sparsity = self.sparsity_at(t)
+        return (on_grid and t <= self.end_step) or t == self.end_step
+
+    def before_step(self, ctx: StepContext) -> None:
+        if self.is_pruning_step(ctx.step):
+            sparsity = self.sparsity_at(ctx.step)
             if sparsity > 0:
                 self.magnitude_prune(ctx.optimizer, sparsity=sparsity)
+
+    def mask_update_steps(self) -> list[int]:
+        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_pruning_step(t) and self.sparsity_at(t) > 0]
+
+    def schedule_value(self, step: int) -> tuple[str, float]:
+        """The sparsity in force during `step` (set at the last pruning event)."""
+        events = [t for t in self.mask_update_steps() if t <= step]
+        return "sparsity", self.sparsity_at(events[-1]) if events else 0.0
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        return self.scaled_densities(self.schedule_value(step)[1])

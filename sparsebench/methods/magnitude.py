@@ -27,3 +27,9 @@ class Magnitude(SparsityMethod):
     def before_step(self, ctx: StepContext) -> None:
         if ctx.step == self.prune_step:
             self.magnitude_prune(ctx.optimizer)
+
+    def mask_update_steps(self) -> list[int]:
+        return [self.prune_step]
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        return super().densities_at(step) if step >= self.prune_step else {n: 1.0 for n in self.engine.names}
