@@ -131,6 +131,7 @@ class RunOptions:
     results_root: str = "results"
     exp: str = "default"
     progress: Progress = Progress.auto
+    dry_run: bool = False  # print the plan (densities, mask-change steps, FLOPs) and stop
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 

@@ -48,3 +48,11 @@ def cubic_sparsity(step: int, initial: float, final: float, begin: int, end: int
         return final
     return final + (initial - final) * (1.0 - (step - begin) / (end - begin)) ** 3
 
+
+def cosine_drop_fraction(step: int, alpha: float, end: int) -> float:
+    """RigL's drop fraction (Evci et al. 2020; TF `cosine_decay` with decay_steps = T_end):
+    f(t) = alpha/2 (1 + cos(pi t / T_end)) for t <= T_end, and 0 after T_end (no more updates).
+    """
+    if end <= 0 or step > end:
+        return 0.0
+    return 0.5 * alpha * (1.0 + math.cos(math.pi * step / end))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sparsebench import results
+from sparsebench import dry_run, results
 from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import UserError
@@ -161,10 +161,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: Config, resolved: dict, config_yaml: str) -> Path:
+def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     """Train one run into its directory; returns the directory. Skips a completed run."""
     sparsity = cfg.run.sparsity
     run = build_run(cfg, sparsity)  # every user error surfaces here, before any directory exists
+    if cfg.run.dry_run:
+        dry_run.describe(run, log)
+        return None
     path = results.run_dir(resolved)
     if results.is_complete(path):
         log(f"already complete, skipped: {path}")

@@ -102,6 +102,9 @@ def test_main_job_meets_the_readme_promise(tmp_path):
     assert sum(m["weights_changed"] for m in metrics) > 0  # GaP's masks moved
     assert not (run / "checkpoint.pt").exists()
     assert (run / "config.yaml").read_text().count("name: gap") == 1
+    updates = results.read_jsonl(run / "mask_updates.jsonl")
+    assert [u["step"] for u in updates] == [0, 160, 320, 480, 640, 800, 960]  # one per GaP step
+    assert 0 < final["ece"] < 100 and 0.1 < final["itop_rate"] <= 1.0
 
 
 @pytest.mark.slow

@@ -1,0 +1,178 @@
+"""`dpf`: Dynamic Model Pruning with Feedback (Lin et al., ICLR 2020, arXiv 2006.07253;
+ALGORITHMS.md section 6).
+
+The method keeps a dense copy w_t of every prunable weight. The model always holds the pruned
+weights m_t * w_t during forward and backward (so the engine's "masked entries are zero" holds
+whenever it checks), the stochastic gradient is taken at the pruned model and applied to the dense
+weights:
+
+    w_{t+1} = w_t - lr_t * grad f(m_t * w_t)
+
+so the pruning error w_t - m_t * w_t is fed back and a prematurely pruned weight can grow back.
+In the trainer's step order this is:
+
+* `mask_gradients = False`: the gradient of masked entries (taken at the pruned model) reaches
+  the optimizer;
+* `after_backward`: the dense values are written back into the masked entries, so the optimizer
+  (momentum, weight decay included) updates the dense weights;
+* `after_step`: the updated weights are saved into the dense copy; the engine then zeroes the
+  masked entries again.
+
+Every `frequency` steps (16, as the reproductions' `--prune-freq`) from `begin` to `end`
+(fractions of training) the mask is recomputed from |w_t| at the cubic sparsity s_t of Zhu & Gupta
+(0 at `begin`, the target at `end`). Re-activated weights take their dense value, with their
+optimizer state kept (it is the dense weight's state). After `end` the mask is fixed and training
+goes on (fine-tuning the final sparse model; the paper needs no separate retraining).
+
+Threshold: follows the run's `distribution` (a sparsebench choice; the paper's is UNVERIFIED):
+`distribution=global` puts one magnitude threshold over all dense copies (as the Keras
+reimplementation's global quantile); a layer-wise allocation (uniform, ER, ERK, custom) keeps, in
+each tensor, the largest |w| at density 1 - (s_t / s)(1 - d_l), the shape `magnitude_prune` uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparsebench.errors import UserError
+from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
+from sparsebench.schedules import cubic_sparsity
+from sparsebench.sparse.masked import target_nnz, topk_mask
+
+
+@dataclass
+class DPFOptions:
+    begin: float = 0.0  # fraction of training where the sparsity starts to rise from 0
+    end: float = 0.75  # fraction of training where the target sparsity is reached; mask fixed after
+    frequency: int = 16  # steps between mask refreshes (the paper's p = 16)
+
+
+@torch.no_grad()
+def global_counts(scores: dict[str, torch.Tensor], keep: int) -> dict[str, int]:
+    """Entries to keep per tensor so that the `keep` globally largest scores survive (ties at the
+    threshold handed out in tensor order, so the total is exactly `keep`)."""
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    if keep <= 0:
+        return {n: 0 for n in scores}
+    threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
+    counts = {n: int((s > threshold).sum()) for n, s in scores.items()}
+    ties_left = keep - sum(counts.values())
+    for n, s in scores.items():
+        take = min(ties_left, int((s == threshold).sum()))
+        counts[n] += take
+        ties_left -= take
+    return counts
+
+
+@METHODS.register("dpf")
+class DPF(SparsityMethod):
+    Options = DPFOptions
+    supports_global_allocation = True
+    mask_gradients = False  # the gradient at the pruned model updates masked (dense) entries too
+
+    def validate(self) -> None:
+        o = self.options
+        if not 0.0 <= o.begin < o.end < 1.0:
+            raise UserError(f"method.begin={o.begin}, method.end={o.end}: need 0 <= begin < end < 1")
+        if o.frequency < 1:
+            raise UserError(f"method.frequency={o.frequency}: expected a positive number of steps")
+        self.begin_step = round(o.begin * self.total_steps)
+        self.end_step = round(o.end * self.total_steps)
+        if self.end_step >= self.total_steps or self.end_step <= self.begin_step:
+            raise UserError(
+                f"method.begin={o.begin}, method.end={o.end}: with {self.total_steps} training steps the "
+                "pruning window is empty or ends after training; widen it or raise epochs"
+            )
+        self.refresh_steps = [
+            t for t in range(self.begin_step, self.end_step + 1, o.frequency)
+        ]
+        if self.refresh_steps[-1] != self.end_step:
+            self.refresh_steps.append(self.end_step)  # the target is always reached at `end`
+        self._refresh = set(self.refresh_steps)
+        self.dense = {n: t.param.detach().clone() for n, t in self.engine.tensors.items()}
+
+    # ------------------------------------------------------------ schedule
+    def sparsity_at(self, step: int) -> float:
+        """Cubic sparsity s_t (Zhu & Gupta eq. 1) from 0 at `begin` to the target at `end`."""
+        return cubic_sparsity(step, 0.0, self.target.sparsity, self.begin_step, self.end_step)
+
+    def last_refresh(self, step: int) -> int | None:
+        past = [t for t in self.refresh_steps if t <= step]
+        return past[-1] if past else None
+
+    def layer_densities(self, sparsity: float) -> dict[str, float]:
+        """Per-tensor densities of a layer-wise allocation at global sparsity `sparsity`."""
+        scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
+        return {n: 1.0 - scale * (1.0 - d) for n, d in self.target.densities.items()}
+
+    # ------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def start(self, ctx: StepContext) -> None:
+        for name, t in self.engine.tensors.items():
+            self.dense[name].copy_(t.param)
+        ctx.log(
+            f"DPF: mask from |dense weights| every {self.options.frequency} steps, cubic sparsity from step "
+            f"{self.begin_step} to {self.end_step}, "
+            f"{'global' if self.target.allocation == 'global' else 'layer-wise'} threshold"
+        )
+
+    @torch.no_grad()
+    def before_step(self, ctx: StepContext) -> None:
+        if ctx.step not in self._refresh:
+            return
+        sparsity = self.sparsity_at(ctx.step)
+        if sparsity <= 0.0:
+            return  # nothing pruned yet: every mask is still all-ones
+        scores = {n: w.abs() for n, w in self.dense.items()}
+        if self.target.allocation == "global":
+            total = sum(s.numel() for s in scores.values())
+            counts = global_counts(scores, target_nnz(total, 1.0 - sparsity))
+            # Density stored as count/N: target_nnz(N, count/N) == count (its 1e-6 guard).
+            densities = {n: counts[n] / scores[n].numel() for n in scores}
+        else:
+            densities = self.layer_densities(sparsity)
+        for name, density in densities.items():
+            mask = topk_mask(scores[name], target_nnz(scores[name].numel(), density))
+            dense = self.dense[name]
+            # Re-activated weights come back at their dense value, optimizer state kept (no reset).
+            self.engine.set_mask(name, mask, density, optimizer=None, regrow_init=lambda *_, d=dense: d)
+
+    @torch.no_grad()
+    def after_backward(self, ctx: StepContext) -> None:
+        # The gradient was taken at m * w; put w back in the masked entries so the optimizer
+        # step updates the dense weights: w <- w - lr * grad f(m * w).
+        for name, t in self.engine.tensors.items():
+            if t.density < 1.0:
+                t.param.copy_(torch.where(t.mask, t.param, self.dense[name]))
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        for name, t in self.engine.tensors.items():
+            self.dense[name].copy_(t.param)  # the engine re-zeroes masked entries right after
+
+    def dense_weight_grad(self, step: int) -> bool:
+        return True  # the gradient of every weight is needed: 2 f_S + f_D per example
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"dense": {n: w.clone() for n, w in self.dense.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for name, w in state["dense"].items():
+            self.dense[name].copy_(w)
+
+    # ------------------------------------------------------------ the plan, for dry runs
+    def mask_update_steps(self) -> list[int]:
+        return list(self.refresh_steps)
+
+    def schedule_value(self, step: int) -> tuple[str, float]:
+        last = self.last_refresh(step)
+        return ("sparsity", 0.0 if last is None else self.sparsity_at(last))
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        sparsity = self.schedule_value(step)[1]
+        if self.target.densities is None:  # global: only known from trained weights, estimated uniform
+            return {n: 1.0 - sparsity for n in self.engine.names}
+        return self.layer_densities(sparsity)

@@ -1,0 +1,52 @@
+"""Metrics every method gets: ECE, ITOP rate, the mask-update log, and the dry-run plan."""
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebench import cli, results
+from sparsebench.sparse.masked import MaskedModel
+from sparsebench.train import expected_calibration_error
+
+
+def test_ece_matches_hand_computation():
+    # Two bins used: confidence 0.9 (accuracy 1/2) and 0.6 (accuracy 1): |0.5-0.9|/2 + |1-0.6|/2 = 0.4
+    confidence = torch.tensor([0.9, 0.9, 0.6, 0.6])
+    correct = torch.tensor([True, False, True, True])
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.4)
+    assert expected_calibration_error(torch.tensor([1.0, 1.0]), torch.tensor([True, True])) == pytest.approx(0.0)
+
+
+def test_itop_rate_counts_every_entry_ever_active():
+    engine = MaskedModel(nn.Sequential(nn.Linear(4, 4, bias=False)))
+    first = torch.zeros(4, 4, dtype=torch.bool)
+    first[0] = True
+    engine.set_mask("0.weight", first, 0.25)
+    engine.start_exploration_count()
+    assert engine.itop_rate() == pytest.approx(0.25)
+    second = torch.zeros(4, 4, dtype=torch.bool)
+    second[1] = True
+    engine.set_mask("0.weight", second, 0.25)
+    assert engine.itop_rate() == pytest.approx(0.5)
+    assert engine.pop_mask_events() == [("0.weight", 12, 0), ("0.weight", 4, 4)]  # from all-ones, then a swap
+
+
+@pytest.mark.slow
+def test_dry_run_plans_what_the_run_does(tmp_path, capsys):
+    args = ["train", "method=gmp", "method.frequency=10", "epochs=4", "dataset.num_samples=600", "progress=none",
+            f"results_root={tmp_path}"]
+    assert cli.main([*args, "dry_run=true"]) == 0
+    plan = capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    planned = float(re.search(r"training FLOPs: ([0-9.]+) x dense", plan).group(1))
+    steps = [int(s) for s in re.search(r"updates at steps ([0-9, ]+)", plan).group(1).split(", ")]
+    assert "T_end (last mask change): step 12 = 0.75 of training" in plan
+    assert cli.main(args) == 0
+    (run,) = [p.parent for p in tmp_path.rglob("final.json")]
+    final = json.loads((run / "final.json").read_text())
+    assert final["train_flops_ratio"] == pytest.approx(planned, abs=0.01)
+    logged = [r["step"] for r in results.read_jsonl(run / "mask_updates.jsonl")]
+    assert logged == steps
+    assert 0 <= final["ece"] <= 100 and final["itop_rate"] == 1.0  # GMP starts dense: all explored
