@@ -131,6 +131,7 @@ class RunOptions:
     results_root: str = "results"
     exp: str = "default"
     progress: Progress = Progress.auto
+    powerprop: float = 1.0  # Powerpropagation alpha for the prunable weights; 1 = off
     dry_run: bool = False  # print the plan (densities, mask-change steps, FLOPs) and stop
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
@@ -223,6 +224,8 @@ def validate(cfg: Mapping) -> Config:
             raise UserError(f"{key}={getattr(run, key)}: expected a positive integer")
     if run.seed < 0 or run.num_workers < 0:
         raise UserError("seed and num_workers must be non-negative integers")
+    if run.powerprop < 1.0:
+        raise UserError(f"powerprop={run.powerprop}: expected alpha >= 1 (1 turns Powerpropagation off)")
     if not 0.0 <= run.label_smoothing < 1.0:
         raise UserError(f"label_smoothing={run.label_smoothing}: expected a value in [0, 1)")
     if not run.exp or ".." in run.exp.split("/"):

@@ -47,6 +47,11 @@ def config_hash(resolved: Mapping) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:8]
 
 
+def method_label(method: str, powerprop: float | None) -> str:
+    """`gmp`, or `gmp+powerprop2` when Powerpropagation wraps the method."""
+    return method if powerprop in (None, 1, 1.0) else f"{method}+powerprop{powerprop:g}"
+
+
 def run_dir(resolved: Mapping) -> Path:
     sparsity = resolved["sparsity"]
     return (
@@ -54,7 +59,7 @@ def run_dir(resolved: Mapping) -> Path:
         / resolved["exp"]
         / resolved["dataset"]["name"]
         / resolved["model"]["name"]
-        / resolved["method"]["name"]
+        / method_label(resolved["method"]["name"], resolved.get("powerprop"))
         / f"sparsity={sparsity:g}"
         / f"seed={resolved['seed']}-{config_hash(resolved)}"
     )

@@ -31,6 +31,7 @@ from sparsebench.schedules import lr_at
 from sparsebench.sparse.allocation import layer_densities
 from sparsebench.sparse.flops import FlopCounter, layer_forward_flops
 from sparsebench.sparse.masked import MaskedModel
+from sparsebench.sparse.powerprop import apply_powerprop, export_state_dict
 
 
 def log(message: str) -> None:
@@ -95,6 +96,9 @@ def build_run(cfg: Config, sparsity: float) -> Run:
         engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers)
     except ValueError as exc:
         raise UserError(f"distribution: {exc} (model {cfg.model})") from None
+    if run.powerprop != 1.0:  # re-parameterise the prunable weights, then let the engine hold v
+        apply_powerprop(model, engine.names, run.powerprop)
+        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers)
     steps_per_epoch = math.ceil(len(data.train) / run.batch_size)
     target = sparsity_target(cfg, engine, sparsity)
     method_cls = METHODS.get(cfg.method)
@@ -299,7 +303,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         })
     bar.close()
 
-    results.atomic_torch_save(path / results.MODEL_FILE, model.state_dict())
+    results.atomic_torch_save(path / results.MODEL_FILE, export_state_dict(model))
     for name, artifact in method.artifacts().items():
         results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, sparsity, state, "completed")
@@ -324,7 +328,7 @@ def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
     cfg = run.cfg
     return {
         "status": status,
-        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
+        "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
         "actual_sparsity": run.engine.actual_sparsity(),
         "itop_rate": run.engine.itop_rate(),

@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from sparsebench.reporting.parallel import parallel_map
+from sparsebench.results import method_label
 
 CONFIG_FILE = "config.yaml"
 FINAL_FILE = "final.json"
@@ -119,6 +120,7 @@ def config_columns(config: dict) -> dict:
         raise _Unusable(f"{CONFIG_FILE} lacks {', '.join(missing)}")
     for key in ("dataset", "model", "method"):
         columns[key] = str(columns[key])
+    columns["method"] = method_label(columns["method"], columns.get("powerprop"))
     columns.setdefault("distribution", "n/a")
     try:
         columns["seed"] = int(columns["seed"])

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sparsebench.sparse.powerprop import trainable_weight
+
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 # How regrown entries are initialised: "zero", or a callable(shape, device, dtype) -> tensor.
@@ -98,7 +100,7 @@ class MaskedModel:
         for name, module in candidates:
             if name in dense:
                 continue
-            weight = module.weight
+            weight = trainable_weight(module)  # v, not the computed w, under Powerprop
             self.tensors[name] = PrunableTensor(
                 name, module, weight, torch.ones_like(weight, dtype=torch.bool), 1.0
             )
