@@ -1,0 +1,184 @@
+"""Dynamic sparse training: the drop-then-grow machinery shared by `rigl` and `set`.
+
+Every update round, each sparse tensor drops some of its active weights and grows the same
+number at positions that the drop did not keep, so its non-zero count never changes
+(ALGORITHMS.md sections 2 and 3). The pieces a method may change are hooks:
+
+* `update_steps()`: when rounds happen (default: every `delta_t` steps while t < T_end, with
+  T_end = `end` x training steps; the first round is at step delta_t, not at the random init);
+* `drop_fraction(step)`: f(t), cosine `alpha/2 (1 + cos(pi t / T_end))` (RigL's `cosine_decay`)
+  or constant `alpha`, 0 from T_end on;
+* `select_drop(name, t, step)`: which active entries go (default: the k = floor(f(t) nnz)
+  smallest |W|, with N(0, 1e-5) noise from the method's generator to break ties, as RigL does);
+* `grow_scores(name, t, step)`: the one function in which RigL (|dense gradient|) and SET
+  (uniform random) differ. Entries kept by the drop are excluded; a just-dropped entry competes
+  like any inactive one and, if regrown, keeps its value (the engine does that);
+* `regrow_init`: "zero" (RigL, RigL-protocol SET) or a callable for the engine.
+
+Timing. A method that reads the dense gradient (`needs_dense_grad`) copies |grad| in
+`after_backward` of an update step (the trainer has not masked it yet) and changes the masks in
+`after_step`, after the optimizer step: grown weights then begin the next step at exactly 0 with
+reset optimizer state, as in the reference where the mask update takes the place of that step's
+weight update. A method that needs no gradient changes the masks in `before_step` of the update
+step (SET's original protocol: "at the first step of every epoch but the first"). Either way
+every mask change goes through `MaskedModel.set_mask`, which zeroes dropped entries, initialises
+grown ones, resets their momentum / Adam moments, and checks the exact count.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import ClassVar
+
+import torch
+
+from sparsebench.errors import UserError
+from sparsebench.methods.base import SparsityMethod, StepContext
+from sparsebench.schedules import cosine_drop_fraction
+from sparsebench.sparse.masked import PrunableTensor, RegrowInit, topk_mask
+
+# RigL adds N(0, 1e-5) to |W| before the magnitude drop so that ties (e.g. weights grown at 0
+# that have not moved) are broken at random rather than by position.
+TIE_NOISE_STD = 1e-5
+
+
+class DropSchedule(enum.Enum):
+    cosine = "cosine"  # alpha/2 (1 + cos(pi t / T_end)): the RigL paper's setting
+    constant = "constant"  # alpha until T_end: the RigL code's flag default
+
+
+class DynamicSparseMethod(SparsityMethod):
+    """Drop-then-grow every update round; subclasses supply the grow score.
+
+    Subclass options must have `alpha`, `drop_schedule`, `delta_t` and `end`.
+    """
+
+    needs_dense_grad: ClassVar[bool] = False
+    description: ClassVar[str] = "drop by |W|, grow"
+
+    # ------------------------------------------------------------ set-up and plan
+    def validate(self) -> None:
+        o = self.options
+        if not 0.0 < o.alpha <= 1.0:
+            raise UserError(f"method.alpha={o.alpha}: expected a drop fraction in (0, 1]")
+        if o.delta_t < 1:
+            raise UserError(f"method.delta_t={o.delta_t}: expected a positive number of steps between mask updates")
+        if not 0.0 < o.end <= 1.0:
+            raise UserError(f"method.end={o.end}: expected a fraction of training in (0, 1]")
+        self.end_step = int(o.end * self.total_steps)  # T_end
+        self.updates = self.update_steps()
+        self._update_set = set(self.updates)
+        self._dense_grads: dict[str, torch.Tensor] = {}
+
+    def update_steps(self) -> list[int]:
+        return list(range(self.options.delta_t, self.end_step, self.options.delta_t))
+
+    def drop_fraction(self, step: int) -> float:
+        o = self.options
+        if step >= self.end_step:
+            return 0.0
+        if o.drop_schedule is DropSchedule.cosine:
+            return cosine_drop_fraction(step, o.alpha, self.end_step)
+        return o.alpha
+
+    def mask_update_steps(self) -> list[int]:
+        return list(self.updates)
+
+    def schedule_value(self, step: int) -> tuple[str, float]:
+        return "drop_fraction", self.drop_fraction(step)
+
+    def densities_at(self, step: int) -> dict[str, float]:
+        return dict(self.target.densities)  # constant: only the positions move
+
+    def dense_weight_grad(self, step: int) -> bool:
+        return self.needs_dense_grad and step in self._update_set
+
+    def start(self, ctx: StepContext) -> None:
+        self.random_start(ctx)
+        if self.updates:
+            ctx.log(f"{self.name}: {len(self.updates)} mask updates at steps {self.updates[0]}..{self.updates[-1]}; "
+                    f"{self.description}")
+        else:
+            ctx.log(f"{self.name}: no mask update fits in {self.total_steps} steps; masks stay as drawn")
+
+    # ------------------------------------------------------------ hooks
+    def before_step(self, ctx: StepContext) -> None:
+        if not self.needs_dense_grad and ctx.step in self._update_set:
+            self.update_masks(ctx.step, ctx.optimizer)
+
+    def after_backward(self, ctx: StepContext) -> None:
+        if self.needs_dense_grad and ctx.step in self._update_set:
+            self._dense_grads = self.read_dense_gradients()
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self.needs_dense_grad and ctx.step in self._update_set:
+            self.update_masks(ctx.step, ctx.optimizer)
+            self._dense_grads = {}
+
+    def read_dense_gradients(self) -> dict[str, torch.Tensor]:
+        """|dL/d(M*W)| of the current mini-batch for every sparse tensor (a copy: the trainer
+        masks .grad in place right after this hook). Masked weights are exactly 0, so the
+        gradient w.r.t. the parameter is the gradient w.r.t. M*W."""
+        out = {}
+        for name, t in self.engine.tensors.items():
+            grad = t.param.grad
+            out[name] = torch.zeros_like(t.param) if grad is None else grad.detach().abs().clone()
+        return out
+
+    # ------------------------------------------------------------ one update round
+    @torch.no_grad()
+    def update_masks(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, tuple[int, int]]:
+        """Drop then grow in every sparse tensor; returns name -> (dropped, grown) positions."""
+        self.before_update(step)
+        changes = {}
+        for name, t in self.engine.tensors.items():
+            if t.density >= 1.0:
+                continue  # a dense tensor has nowhere to grow
+            drop = self.select_drop(name, t, step) & t.mask
+            k = int(drop.sum())
+            if k == 0:
+                continue
+            kept = t.mask & ~drop
+            scores = torch.nan_to_num(self.grow_scores(name, t, step).float(), nan=0.0)
+            scores = scores.masked_fill(kept, -math.inf)
+            new_mask = kept | topk_mask(scores, k)
+            self.remember_dropped(name, t, drop)
+            changes[name] = self.engine.set_mask(name, new_mask, t.density, optimizer, self.regrow_init(name))
+        return changes
+
+    def before_update(self, step: int) -> None:
+        """Called once at the start of every update round (RigL's exploration counters)."""
+
+    def magnitude_drop(self, t: PrunableTensor, k: int) -> torch.Tensor:
+        """The k active entries with the smallest |W| + N(0, 1e-5) tie-breaking noise."""
+        noise = torch.randn(t.param.shape, generator=self.generator) * TIE_NOISE_STD
+        scores = t.param.detach().abs() + noise.to(device=t.param.device, dtype=t.param.dtype)
+        scores = scores.masked_fill(~t.mask, -math.inf)
+        keep = topk_mask(scores, int(t.mask.sum()) - k)
+        return t.mask & ~keep
+
+    def select_drop(self, name: str, t: PrunableTensor, step: int) -> torch.Tensor:
+        k = math.floor(self.drop_fraction(step) * int(t.mask.sum()))
+        return self.magnitude_drop(t, k)
+
+    def grow_scores(self, name: str, t: PrunableTensor, step: int) -> torch.Tensor:
+        """Higher grows first; entries kept by the drop are excluded by the caller."""
+        raise NotImplementedError
+
+    def random_scores(self, t: PrunableTensor) -> torch.Tensor:
+        """Uniform random grow scores from the method's generator (SET)."""
+        return torch.rand(t.param.shape, generator=self.generator).to(t.param.device)
+
+    def regrow_init(self, name: str) -> RegrowInit:
+        return "zero"
+
+    def remember_dropped(self, name: str, t: PrunableTensor, drop: torch.Tensor) -> None:
+        """Called with the dropped entries before they are zeroed (SET's regrow_init=keep)."""
+
+    # ------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
