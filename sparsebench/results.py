@@ -179,5 +179,11 @@ def run_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of atomic writes that a killed process never renamed."""
+    for tmp in Path(path).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / FINAL_FILE).is_file()

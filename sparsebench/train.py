@@ -184,7 +184,11 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
         if results.is_complete(path):  # finished by another process while we waited
             return path
         results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
-        _train_locked(run, path, sparsity)
+        results.remove_stale_temporaries(path)
+        try:
+            _train_locked(run, path, sparsity)
+        except OSError as exc:  # full disk, vanished directory: final.json is absent, so not a result
+            raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -199,7 +203,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         log("amp=true needs CUDA; training in float32 on the CPU")
 
     state = {"epoch": 0, "step": 0, "train_flops": 0.0, "train_flops_dense": 0.0, "best_test_acc": 0.0,
-             "lr_origin": 0, "lr_span": total_steps, "wall_time_s": 0.0}
+             "lr_origin": 0, "lr_span": total_steps, "wall_time_s": 0.0, "last_eval": None}
 
     def reset_optimizer() -> None:
         run.optimizer.state.clear()
@@ -279,6 +283,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             bar.update()
 
         test_loss, test_acc, ece = evaluate(run)
+        state["last_eval"] = {"test_loss": test_loss, "test_acc": test_acc, "ece": ece}
         state["epoch"] = epoch + 1
         state["best_test_acc"] = max(state["best_test_acc"], test_acc)
         state["wall_time_s"] = time.perf_counter() - started
@@ -307,10 +312,10 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
     for name, artifact in method.artifacts().items():
         results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, sparsity, state, "completed")
-    final.update(test_acc=test_acc, test_loss=test_loss, ece=ece)
+    final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
-    log(f"done: test_acc {test_acc:.2f}  actual_sparsity {final['actual_sparsity']:.4f}  "
+    log(f"done: test_acc {final['test_acc']:.2f}  actual_sparsity {final['actual_sparsity']:.4f}  "
         f"train FLOPs {final['train_flops_ratio']:.3f}x dense  ->  {path}")
 
 
