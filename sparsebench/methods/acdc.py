@@ -37,6 +37,7 @@ import torch
 
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
+from sparsebench.sparse.powerprop import export_state_dict
 
 COMPRESSED, DECOMPRESSED = "compressed", "decompressed"
 
@@ -119,7 +120,9 @@ class ACDC(SparsityMethod):
             if ctx.step == self.final_start:
                 # The last decompressed phase's model, as it is at the final prune (the dense half
                 # of AC/DC's sparse-dense pair).
-                self.dense_model = {k: v.detach().clone() for k, v in self.engine.model.state_dict().items()}
+                # Exported like model.pt (effective weights under plain names under Powerprop).
+                exported = export_state_dict(self.engine.model)
+                self.dense_model = {k: v.detach().clone() for k, v in exported.items()}
             self.magnitude_prune(ctx.optimizer)  # global or layer-wise, per the run's distribution
         elif kind == DECOMPRESSED:
             # Pruned weights return as zeros; their optimizer state is reset (RestoreWeights).

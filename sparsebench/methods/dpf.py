@@ -165,7 +165,8 @@ class DPF(SparsityMethod):
 
     # ------------------------------------------------------------ the plan, for dry runs
     def mask_update_steps(self) -> list[int]:
-        return list(self.refresh_steps)
+        """Refresh steps that prune (at `begin` the sparsity is still 0: nothing changes)."""
+        return [t for t in self.refresh_steps if self.sparsity_at(t) > 0]
 
     def schedule_value(self, step: int) -> tuple[str, float]:
         last = self.last_refresh(step)
