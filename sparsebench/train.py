@@ -223,7 +223,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         state.update(ckpt["trainer"])
         set_rng_state(ckpt["rng"])
         results.truncate_jsonl(path / results.METRICS_FILE, "epoch", state["epoch"])
-        results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"])
+        results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"] - 1)  # logged during that step
         log(f"resuming {path} from epoch {state['epoch']}")
     else:
         (path / results.METRICS_FILE).unlink(missing_ok=True)
