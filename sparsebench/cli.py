@@ -165,7 +165,10 @@ def train_command(args: list[str]) -> int:
         except UserError as exc:
             return fail("train", str(exc))
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
-    hydra_train()
+    try:
+        hydra_train()
+    except SystemExit as exc:  # the task's one-line errors, and Hydra's own exits
+        return exc.code if isinstance(exc.code, int) else 1
     return 0
 
 

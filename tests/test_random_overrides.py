@@ -83,10 +83,7 @@ def test_random_overrides_complete_or_fail_in_one_line(drawn):
     args = ["train", *drawn, f"results_root={root}", "dataset.num_samples=200", "progress=none"]
     capture = _Capture()
     with capture:
-        try:
-            code = cli.main(args)
-        except SystemExit as exc:  # raised inside the Hydra task (data, model, method errors)
-            code = exc.code
+        code = cli.main(args)
     finals = list(root.rglob(results.FINAL_FILE))
     if code == 0:
         assert "Traceback" not in capture.err, (drawn, capture.err)

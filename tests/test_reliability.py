@@ -50,30 +50,42 @@ METHODS_WITH_STATE = [
 ]
 
 
+def kill_when(proc: subprocess.Popen, root: Path, epochs_done: int, delay: float) -> bool:
+    """SIGKILL `proc` `delay` s after its run has logged `epochs_done` epochs; False if it ended first."""
+    while proc.poll() is None:
+        metrics = list(root.rglob(results.METRICS_FILE))
+        if len(results.read_jsonl(metrics[0]) if metrics else []) >= epochs_done:
+            time.sleep(delay)
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    assert proc.returncode == 0, proc.stderr.read()
+    return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS_WITH_STATE, ids=lambda m: "-".join(a.split("=")[1] for a in m))
 def test_sigkill_at_random_points_resumes_to_identical_result(method, tmp_path):
+    """Killed during start-up, mid-epoch and around checkpoints, then resumed to the end."""
     args = [*method, *TINY]
-    started = time.perf_counter()
     whole = launch(args, tmp_path / "whole")
     assert whole.wait() == 0, whole.stderr.read()
-    duration = time.perf_counter() - started
     rng = random.Random(" ".join(method))
+    root = tmp_path / "killed"
+    start_up = launch(args, root)
+    time.sleep(rng.uniform(0.5, 2.0))  # usually still importing, sometimes training
+    start_up.send_signal(signal.SIGKILL)
+    start_up.wait()
     kills = 0
-    for attempt in range(8):
-        proc = launch(args, tmp_path / "killed")
-        time.sleep(rng.uniform(0.3, 1.0) * duration)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read()
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-    else:
-        final = launch(args, tmp_path / "killed")
-        assert final.wait() == 0, final.stderr.read()
+    for epochs_done in sorted(rng.sample(range(0, 5), 3)):
+        kills += kill_when(launch(args, root), root, epochs_done, rng.uniform(0.0, 0.3))
+    final = launch(args, root)
+    assert final.wait() == 0, final.stderr.read()
     assert kills >= 1
-    killed = the_run(tmp_path / "killed")
+    killed = the_run(root)
     assert_same_result(the_run(tmp_path / "whole"), killed)
     assert not list(killed.glob(".*.tmp")) and not (killed / results.CHECKPOINT_FILE).exists()
 
@@ -127,9 +139,7 @@ def test_full_disk_mid_run_is_one_line_and_no_result(tmp_path, capsys, monkeypat
         real(path, data)
 
     monkeypatch.setattr(results, "atomic_write_bytes", disk_full_on_checkpoint)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", "method=static", *TINY, f"results_root={tmp_path}"])
-    assert exit_info.value.code == 2
+    assert cli.main(["train", "method=static", *TINY, f"results_root={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err
     assert not list(tmp_path.rglob(results.FINAL_FILE))
