@@ -38,6 +38,7 @@ import torch
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
 from sparsebench.schedules import cubic_sparsity
+from sparsebench.sparse.allocation import global_topk_counts
 from sparsebench.sparse.masked import target_nnz, topk_mask
 
 
@@ -46,23 +47,6 @@ class DPFOptions:
     begin: float = 0.0  # fraction of training where the sparsity starts to rise from 0
     end: float = 0.75  # fraction of training where the target sparsity is reached; mask fixed after
     frequency: int = 16  # steps between mask refreshes (the paper's p = 16)
-
-
-@torch.no_grad()
-def global_counts(scores: dict[str, torch.Tensor], keep: int) -> dict[str, int]:
-    """Entries to keep per tensor so that the `keep` globally largest scores survive (ties at the
-    threshold handed out in tensor order, so the total is exactly `keep`)."""
-    flat = torch.cat([s.reshape(-1) for s in scores.values()])
-    if keep <= 0:
-        return {n: 0 for n in scores}
-    threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
-    counts = {n: int((s > threshold).sum()) for n, s in scores.items()}
-    ties_left = keep - sum(counts.values())
-    for n, s in scores.items():
-        take = min(ties_left, int((s == threshold).sum()))
-        counts[n] += take
-        ties_left -= take
-    return counts
 
 
 @METHODS.register("dpf")
@@ -101,11 +85,6 @@ class DPF(SparsityMethod):
         past = [t for t in self.refresh_steps if t <= step]
         return past[-1] if past else None
 
-    def layer_densities(self, sparsity: float) -> dict[str, float]:
-        """Per-tensor densities of a layer-wise allocation at global sparsity `sparsity`."""
-        scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
-        return {n: 1.0 - scale * (1.0 - d) for n, d in self.target.densities.items()}
-
     # ------------------------------------------------------------ hooks
     @torch.no_grad()
     def start(self, ctx: StepContext) -> None:
@@ -127,11 +106,11 @@ class DPF(SparsityMethod):
         scores = {n: w.abs() for n, w in self.dense.items()}
         if self.target.allocation == "global":
             total = sum(s.numel() for s in scores.values())
-            counts = global_counts(scores, target_nnz(total, 1.0 - sparsity))
+            counts = global_topk_counts(scores, target_nnz(total, 1.0 - sparsity))
             # Density stored as count/N: target_nnz(N, count/N) == count (its 1e-6 guard).
             densities = {n: counts[n] / scores[n].numel() for n in scores}
         else:
-            densities = self.layer_densities(sparsity)
+            densities = self.scaled_densities(sparsity)
         for name, density in densities.items():
             mask = topk_mask(scores[name], target_nnz(scores[name].numel(), density))
             dense = self.dense[name]
@@ -176,4 +155,4 @@ class DPF(SparsityMethod):
         sparsity = self.schedule_value(step)[1]
         if self.target.densities is None:  # global: only known from trained weights, estimated uniform
             return {n: 1.0 - sparsity for n in self.engine.names}
-        return self.layer_densities(sparsity)
+        return self.scaled_densities(sparsity)

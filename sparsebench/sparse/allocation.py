@@ -121,20 +121,27 @@ def layer_densities(
 
 @torch.no_grad()
 def global_magnitude_densities(engine: MaskedModel, density: float) -> dict[str, float]:
-    """Per-tensor densities that keep the globally largest |W| (active entries only).
-
-    Exact: the threshold is the k-th largest magnitude (kthvalue, a selection, not a sort:
-    DESIGN.md measured a full sort at ~0.6 of a ResNet-18 step); entries tied at the threshold
-    are handed out in tensor order so that the kept total is exactly target_nnz(N, density).
-    """
+    """Per-tensor densities that keep the globally largest |W| (active entries only), exactly
+    target_nnz(N, density) in total (DESIGN.md: a full sort costs ~0.6 of a ResNet-18 step)."""
     scores = {
-        n: torch.where(t.mask, t.param.abs(), torch.full_like(t.param, -1.0)).reshape(-1)
+        n: torch.where(t.mask, t.param.abs(), torch.full_like(t.param, -1.0))
         for n, t in engine.tensors.items()
     }
-    flat = torch.cat(list(scores.values()))
-    keep = target_nnz(flat.numel(), density)
-    if keep == 0:
-        return {n: 0.0 for n in scores}
+    counts = global_topk_counts(scores, target_nnz(sum(s.numel() for s in scores.values()), density))
+    # Density is stored as count/N; target_nnz(N, count/N) == count thanks to its 1e-6 guard.
+    return {n: counts[n] / scores[n].numel() for n in scores}
+
+
+@torch.no_grad()
+def global_topk_counts(scores: Mapping[str, torch.Tensor], keep: int) -> dict[str, int]:
+    """How many entries each tensor keeps so that exactly the `keep` globally largest scores survive.
+
+    The threshold is the k-th largest score (kthvalue, a selection, not a sort); entries tied at
+    it are handed out in tensor order so that the total is exactly `keep`.
+    """
+    if keep <= 0:
+        return {n: 0 for n in scores}
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
     threshold = torch.kthvalue(flat, flat.numel() - keep + 1).values
     counts = {n: int((s > threshold).sum()) for n, s in scores.items()}
     ties_left = keep - sum(counts.values())
@@ -142,5 +149,4 @@ def global_magnitude_densities(engine: MaskedModel, density: float) -> dict[str,
         take = min(ties_left, int((s == threshold).sum()))
         counts[n] += take
         ties_left -= take
-    # Density is stored as count/N; target_nnz(N, count/N) == count thanks to its 1e-6 guard.
-    return {n: counts[n] / scores[n].numel() for n in scores}
+    return counts
