@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsebench.errors import UserError
+from sparsebench.live_log import require_tensorboard
 from sparsebench.sparse.allocation import ALLOCATIONS
 
 
@@ -132,7 +133,8 @@ class RunOptions:
     exp: str = "default"
     progress: Progress = Progress.auto
     powerprop: float = 1.0  # Powerpropagation alpha for the prunable weights; 1 = off
-    dry_run: bool = False  # print the plan (densities, mask-change steps, FLOPs) and stop
+    dry_run: bool = False
+    tensorboard: bool = False  # live scalars in <run dir>/tensorboard (needs the tensorboard extra)  # print the plan (densities, mask-change steps, FLOPs) and stop
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 
@@ -224,6 +226,8 @@ def validate(cfg: Mapping) -> Config:
             raise UserError(f"{key}={getattr(run, key)}: expected a positive integer")
     if run.seed < 0 or run.num_workers < 0:
         raise UserError("seed and num_workers must be non-negative integers")
+    if run.tensorboard:
+        require_tensorboard()
     if run.powerprop < 1.0:
         raise UserError(f"powerprop={run.powerprop}: expected alpha >= 1 (1 turns Powerpropagation off)")
     if not 0.0 <= run.label_smoothing < 1.0:

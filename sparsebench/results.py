@@ -33,7 +33,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = ".lock"
 
 # Keys that say where or how a run is shown, not what it computes.
-NON_SEMANTIC_KEYS = ("results_root", "exp", "progress", "num_workers", "paper", "dry_run")
+NON_SEMANTIC_KEYS = ("results_root", "exp", "progress", "num_workers", "paper", "dry_run", "tensorboard")
 NON_SEMANTIC_DATASET_KEYS = ("data_dir", "download")
 
 

@@ -25,6 +25,7 @@ from sparsebench import dry_run, results
 from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import UserError
+from sparsebench.live_log import TensorBoardLog
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext
 from sparsebench.models import create_model
 from sparsebench.schedules import lr_at
@@ -233,6 +234,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
         engine.pop_mask_events()  # the initial masks are not an update
     masks_at_last_eval = engine.masks()
 
+    live_log = TensorBoardLog(path) if o.tensorboard else None
     show_bar = o.progress is Progress.bar or (o.progress is Progress.auto and sys.stderr.isatty())
     bar = tqdm(total=total_steps, initial=state["step"], disable=not show_bar, unit="step", leave=False)
     flops_cache = (-1, False, 0.0)  # (engine version, dense grad?, per-example step FLOPs)
@@ -257,6 +259,8 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             if not torch.isfinite(loss):
                 _write_diverged(path, run, sparsity, state, started)
                 bar.close()
+                if live_log:
+                    live_log.close()
                 log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
@@ -298,6 +302,8 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             "weights_changed": changed, "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
         results.append_jsonl(path / results.METRICS_FILE, record)
+        if live_log:
+            live_log.write(record)
         bar.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.2f}")
         if not show_bar and (epoch + 1) % max(1, o.epochs // 8) == 0 or epoch + 1 == o.epochs:
             log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
@@ -307,6 +313,8 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
             "method": method.state_dict(), "scaler": scaler.state_dict(), "trainer": dict(state), "rng": rng_state(),
         })
     bar.close()
+    if live_log:
+        live_log.close()
 
     results.atomic_torch_save(path / results.MODEL_FILE, export_state_dict(model))
     for name, artifact in method.artifacts().items():

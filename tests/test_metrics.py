@@ -50,3 +50,18 @@ def test_dry_run_plans_what_the_run_does(tmp_path, capsys):
     logged = [r["step"] for r in results.read_jsonl(run / "mask_updates.jsonl")]
     assert logged == steps
     assert 0 <= final["ece"] <= 100 and final["itop_rate"] == 1.0  # GMP starts dense: all explored
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_the_metrics_live(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train", "method=gmp", "epochs=2", "dataset.num_samples=600", "progress=none", "tensorboard=true",
+            f"results_root={tmp_path}"]
+    assert cli.main(args) == 0
+    (run,) = [p.parent for p in tmp_path.rglob("final.json")]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("test_acc")]
+    assert logged == pytest.approx([r["test_acc"] for r in results.read_jsonl(run / "metrics.jsonl")])
+    assert any(tag.startswith("density/") for tag in events.Tags()["scalars"])
