@@ -115,8 +115,10 @@ def _training_curves(inputs: FigureInputs) -> bytes:
     count = len(inputs.sparsities)
     columns, rows = min(_PANEL_COLUMNS, count), math.ceil(count / _PANEL_COLUMNS)
     height = 2.8 * rows + 0.9
-    figure = Figure(figsize=(4 * columns, height))
-    figure.subplots_adjust(left=0.08, right=0.98, top=1 - 0.5 / height, bottom=0.55 / height, hspace=0.35, wspace=0.1)
+    width = 4 * columns + 1.4  # room on the right for one legend of every method
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(left=0.3 / columns, right=1 - 1.4 / width, top=1 - 0.5 / height, bottom=0.55 / height,
+                           hspace=0.35, wspace=0.1)
     panels = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=True).ravel()
     curves = inputs.curves
     for axes, sparsity in zip(panels, inputs.sparsities):
@@ -127,7 +129,11 @@ def _training_curves(inputs: FigureInputs) -> bytes:
         axes.set_title(f"sparsity {sparsity_label(sparsity)}", fontsize="medium")
     for unused in panels[count:]:
         unused.set_visible(False)
-    panels[0].legend(fontsize="x-small")
+    legend = {}  # panels show different methods: one legend with every line, first handle of each
+    for axes in panels[:count]:
+        for handle, label in zip(*axes.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    figure.legend(list(legend.values()), list(legend), fontsize="x-small", loc="center right")
     figure.suptitle(f"{inputs.title}: test accuracy (%), mean over seeds")
     figure.supxlabel("epoch")
     return _png(figure)
