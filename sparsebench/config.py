@@ -18,6 +18,7 @@ from typing import Any
 from sparsebench.errors import UserError
 from sparsebench.live_log import require_tensorboard
 from sparsebench.sparse.allocation import ALLOCATIONS
+from sparsebench.sparse.structure import SparsityStructure, StructureKind
 
 
 # ---------------------------------------------------------------------------- option parsing
@@ -176,6 +177,15 @@ class DistributionOptions:
     dense_layers: list[str] = field(default_factory=list)  # glob patterns of tensor names
     erk_power_scale: float = 1.0
     file: str | None = None  # custom allocation only
+    # Sparsity type (sparse/structure.py): unstructured | nm (n of every m consecutive weights of
+    # a row of the (out, in*k) matrix; sparsity must be 1 - n/m) | block (square block x block).
+    structure: StructureKind = StructureKind.unstructured
+    n: int = 2
+    m: int = 4
+    block: int = 16
+
+    def sparsity_structure(self) -> SparsityStructure:
+        return SparsityStructure(self.structure, self.n, self.m, self.block)
 
 
 @dataclass
@@ -210,6 +220,35 @@ def _check_choice(key: str, value: str, allowed) -> None:
         hint = difflib.get_close_matches(value, list(allowed), n=1)
         did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
         raise UserError(f"{key}={value!r} is unknown{did_you_mean}; choose one of: {', '.join(allowed)}")
+
+
+def _check_structure(d: DistributionOptions, distribution: str, method: str, method_cls, sparsity: float) -> None:
+    """distribution.structure: a method that keeps it, and N:M's fixed density."""
+    from sparsebench.methods import METHODS
+
+    if d.structure is StructureKind.unstructured:
+        return
+    kind = d.structure.value
+    if not method_cls.supports_structure:
+        able = ", ".join(n for n in METHODS.names() if METHODS.get(n).supports_structure)
+        raise UserError(
+            f"distribution.structure={kind} is kept only by methods {able}; method {method} cannot keep it"
+        )
+    if d.structure is StructureKind.block and d.block < 1:
+        raise UserError(f"distribution.block={d.block}: expected a positive block side")
+    if d.structure is StructureKind.nm:
+        if not 1 <= d.n < d.m:
+            raise UserError(f"distribution.n={d.n}, distribution.m={d.m}: structure=nm needs 1 <= n < m")
+        if abs(sparsity - (1.0 - d.n / d.m)) > 1e-9:
+            raise UserError(
+                f"distribution.structure=nm with n={d.n}, m={d.m} fixes sparsity at {1.0 - d.n / d.m:g}; "
+                f"got sparsity={sparsity:g}"
+            )
+        if distribution != "uniform":
+            raise UserError(
+                f"distribution.structure=nm puts every sparse tensor at density n/m={d.n / d.m:g}, so it needs "
+                f"distribution=uniform (got distribution={distribution})"
+            )
 
 
 def validate(cfg: Mapping) -> Config:
@@ -249,6 +288,7 @@ def validate(cfg: Mapping) -> Config:
             f"distribution=global picks layer densities from trained weights, but method {method} draws its "
             "masks at initialisation; use uniform, er, erk or custom"
         )
+    _check_structure(dist_options, distribution, method, method_cls, run.sparsity)
 
     optimizer, opt_raw = _group(cfg, "optimizer")
     _check_choice("optimizer", optimizer, OPTIMIZERS)

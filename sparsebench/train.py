@@ -93,13 +93,14 @@ def build_run(cfg: Config, sparsity: float) -> Run:
     data = load_dataset(cfg.dataset, **cfg.dataset_options)
     model = create_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options).to(device)
     d = cfg.distribution_options
+    structure = d.sparsity_structure()  # N:M or blocks: every mask the engine installs follows it
     try:
-        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers)
+        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers, structure)
     except ValueError as exc:
         raise UserError(f"distribution: {exc} (model {cfg.model})") from None
     if run.powerprop != 1.0:  # re-parameterise the prunable weights, then let the engine hold v
         apply_powerprop(model, engine.names, run.powerprop)
-        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers)
+        engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers, structure)
     steps_per_epoch = math.ceil(len(data.train) / run.batch_size)
     target = sparsity_target(cfg, engine, sparsity)
     method_cls = METHODS.get(cfg.method)

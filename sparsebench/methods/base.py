@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from sparsebench.errors import UserError
 from sparsebench.registry import Registry
 from sparsebench.sparse.allocation import global_magnitude_densities
 from sparsebench.sparse.masked import MaskedModel
@@ -72,6 +73,10 @@ class SparsityMethod:
     # that draw masks at initialisation need the densities up front.
     supports_global_allocation: ClassVar[bool] = False
     mask_gradients: ClassVar[bool] = True
+    # Methods whose every mask change goes through `random_start`, `magnitude_prune` (rounded
+    # densities, structured top-k) or the structured drop-and-grow of dst.py keep N:M or block
+    # structure (`distribution.structure`); the others are refused with a structured engine.
+    supports_structure: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -88,7 +93,16 @@ class SparsityMethod:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.generator = generator  # the method's own RNG: random masks, random partitions
+        if not engine.structure.unstructured and not self.supports_structure:
+            raise UserError(
+                f"distribution.structure={engine.structure.kind.value}: method {self.registered_name()} cannot keep "
+                f"{engine.structure} masks; use distribution.structure=unstructured"
+            )
         self.validate()
+
+    @classmethod
+    def registered_name(cls) -> str:
+        return next((n for n in METHODS.names() if METHODS.get(n) is cls), cls.__name__)
 
     # ---------------------------------------------------------------- hooks
     def validate(self) -> None:
@@ -127,8 +141,8 @@ class SparsityMethod:
         """Planned mask density per tensor during `step` (FLOPs of a dry run). A `global`
         allocation is only known once trained weights exist: estimated as uniform."""
         if self.target.densities is None:
-            return {n: self.target.density for n in self.engine.names}
-        return dict(self.target.densities)
+            return self.engine.round_densities({n: self.target.density for n in self.engine.names})
+        return self.engine.round_densities(self.target.densities)
 
     def state_dict(self) -> dict:
         """Method state beyond the masks and the step (which the trainer checkpoints)."""
@@ -140,15 +154,18 @@ class SparsityMethod:
     # ---------------------------------------------------------------- helpers for subclasses
     def scaled_densities(self, sparsity: float) -> dict[str, float]:
         """Per-tensor densities at an intermediate global `sparsity`, keeping the allocation's
-        shape: each tensor's sparsity s_l is scaled by sparsity / s (uniform for `global`)."""
+        shape: each tensor's sparsity s_l is scaled by sparsity / s (uniform for `global`).
+        Rounded to the densities the engine's structure admits (N:M: the level n/M at or above
+        the density, i.e. s_t rounded down to a multiple of 1/M; blocks: whole blocks)."""
         if self.target.densities is None:
-            return {n: 1.0 - sparsity for n in self.engine.names}
+            return self.engine.round_densities({n: 1.0 - sparsity for n in self.engine.names})
         scale = sparsity / self.target.sparsity if self.target.sparsity > 0 else 0.0
-        return {n: 1.0 - scale * (1.0 - d) for n, d in self.target.densities.items()}
+        return self.engine.round_densities({n: 1.0 - scale * (1.0 - d) for n, d in self.target.densities.items()})
 
     def random_start(self, ctx: StepContext) -> None:
-        """Exact-count uniformly random masks at the target densities (static sparse init)."""
-        densities = self.target.densities
+        """Exact-count uniformly random masks at the target densities (static sparse init),
+        rounded to the structure's (random N:M groups, random blocks)."""
+        densities = self.engine.round_densities(self.target.densities)
         masks = self.engine.random_masks(densities, self.generator)
         self.engine.set_masks(masks, densities, ctx.optimizer)
 
@@ -168,7 +185,7 @@ class SparsityMethod:
         sparsity = self.target.sparsity if sparsity is None else sparsity
         if self.target.allocation == "global":
             densities = global_magnitude_densities(self.engine, 1.0 - sparsity)
-            densities = {n: densities[n] for n in names}
+            densities = self.engine.round_densities({n: densities[n] for n in names})
         else:
             densities = {n: d for n, d in self.scaled_densities(sparsity).items() if n in names}
         self.engine.set_masks(self.engine.magnitude_masks(densities), densities, optimizer)

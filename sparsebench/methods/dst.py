@@ -23,6 +23,14 @@ weight update. A method that needs no gradient changes the masks in `before_step
 step (SET's original protocol: "at the first step of every epoch but the first"). Either way
 every mask change goes through `MaskedModel.set_mask`, which zeroes dropped entries, initialises
 grown ones, resets their momentum / Adam moments, and checks the exact count.
+
+Structured sparsity (`distribution.structure`, sparse/structure.py). N:M: the drop is the
+method's own (any active entries), and each group of M regrows as many entries as it lost, at
+its largest grow scores among its entries the drop did not keep, so every group keeps exactly
+N. Blocks: whole blocks are dropped, the k = floor(f(t) x active blocks) with the smallest sum
+of |W| + noise (for every method and protocol: SET's sign split has no block analogue, so its
+original protocol drops the fraction zeta of the active blocks), and as many whole blocks grow
+where the sum of the grow scores is largest.
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ from sparsebench.errors import UserError
 from sparsebench.methods.base import SparsityMethod, StepContext
 from sparsebench.schedules import cosine_drop_fraction
 from sparsebench.sparse.masked import PrunableTensor, RegrowInit, topk_mask
+from sparsebench.sparse.structure import StructureKind
 
 # RigL adds N(0, 1e-5) to |W| before the magnitude drop so that ties (e.g. weights grown at 0
 # that have not moved) are broken at random rather than by position.
@@ -55,6 +64,7 @@ class DynamicSparseMethod(SparsityMethod):
 
     needs_dense_grad: ClassVar[bool] = False
     description: ClassVar[str] = "drop by |W|, grow"
+    supports_structure = True  # N:M and blocks: see the module docstring
 
     # ------------------------------------------------------------ set-up and plan
     def validate(self) -> None:
@@ -88,7 +98,7 @@ class DynamicSparseMethod(SparsityMethod):
         return "drop_fraction", self.drop_fraction(step)
 
     def densities_at(self, step: int) -> dict[str, float]:
-        return dict(self.target.densities)  # constant: only the positions move
+        return self.engine.round_densities(self.target.densities)  # constant: only the positions move
 
     def dense_weight_grad(self, step: int) -> bool:
         return self.needs_dense_grad and step in self._update_set
@@ -130,18 +140,24 @@ class DynamicSparseMethod(SparsityMethod):
     def update_masks(self, step: int, optimizer: torch.optim.Optimizer | None) -> dict[str, tuple[int, int]]:
         """Drop then grow in every sparse tensor; returns name -> (dropped, grown) positions."""
         self.before_update(step)
+        structure = self.engine.structure
         changes = {}
         for name, t in self.engine.tensors.items():
             if t.density >= 1.0:
                 continue  # a dense tensor has nowhere to grow
-            drop = self.select_drop(name, t, step) & t.mask
+            if structure.kind is StructureKind.block:
+                drop = self.block_drop(t, step)
+            else:
+                drop = self.select_drop(name, t, step) & t.mask
             k = int(drop.sum())
             if k == 0:
                 continue
             kept = t.mask & ~drop
             scores = torch.nan_to_num(self.grow_scores(name, t, step).float(), nan=0.0)
             scores = scores.masked_fill(kept, -math.inf)
-            new_mask = kept | topk_mask(scores, k)
+            # Unstructured: the k largest; N:M: per group, as many as the group lost; blocks:
+            # as many whole blocks as were dropped.
+            new_mask = kept | structure.grow(scores, drop)
             self.remember_dropped(name, t, drop)
             changes[name] = self.engine.set_mask(name, new_mask, t.density, optimizer, self.regrow_init(name))
         return changes
@@ -160,6 +176,19 @@ class DynamicSparseMethod(SparsityMethod):
     def select_drop(self, name: str, t: PrunableTensor, step: int) -> torch.Tensor:
         k = math.floor(self.drop_fraction(step) * int(t.mask.sum()))
         return self.magnitude_drop(t, k)
+
+    def block_drop(self, t: PrunableTensor, step: int) -> torch.Tensor:
+        """Block structure: the floor(f(t) x active blocks) active blocks with the smallest sum
+        of |W| + N(0, 1e-5) noise, as an entry-level mask of whole blocks."""
+        structure = self.engine.structure
+        active = structure.pool(t.mask.to(torch.int32)) > 0
+        k = math.floor(self.drop_fraction(step) * int(active.sum()))
+        if k == 0:
+            return torch.zeros_like(t.mask)
+        noise = torch.randn(t.param.shape, generator=self.generator) * TIE_NOISE_STD
+        scores = t.param.detach().abs().float() + noise.to(device=t.param.device)
+        block_scores = structure.pool(scores).masked_fill(~active, math.inf)
+        return structure.unpool(topk_mask(-block_scores, k), t.mask.shape)
 
     def grow_scores(self, name: str, t: PrunableTensor, step: int) -> torch.Tensor:
         """Higher grows first; entries kept by the drop are excluded by the caller."""

@@ -4,6 +4,12 @@ Every `frequency` steps between `begin` and `end` (fractions of training) the ne
 by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (their eq. 1); pruned weights
 never come back. Defaults follow RigL's pruning baseline on CIFAR (begin 20k, end 75k of 97.6k
 steps, i.e. about 0.2 and 0.75 of training).
+
+Structured sparsity (`distribution.structure`): every event prunes by magnitude within the
+structure (`magnitude_masks`). N:M: s_t is rounded down to a multiple of 1/M, so the events pass
+through the levels M:M, (M-1):M, ..., N:M (each group keeps its n_t largest |W|; the final
+event reaches N:M exactly); blocks: s_t is rounded to whole blocks and the blocks with the
+smallest sum of |W| go. Pruned entries never come back in either case.
 """
 from dataclasses import dataclass
 
@@ -24,6 +30,7 @@ class GMPOptions:
 class GMP(SparsityMethod):
     Options = GMPOptions
     supports_global_allocation = True
+    supports_structure = True  # the rounding lives in scaled_densities and magnitude_masks
 
     def validate(self) -> None:
         o = self.options

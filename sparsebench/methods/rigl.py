@@ -12,6 +12,8 @@ t < T_end = `end` x training, per tensor l:
    (`rigl_acc_scale = 0`, `grow_init = zeros` in the reference code).
 
 Defaults are the paper's: delta_t = 100, alpha = 0.3 cosine, T_end = 0.75 of training.
+With `distribution.structure=nm` each group regrows in itself what the drop took from it; with
+`block`, whole blocks are dropped and grown by their summed |W| and |gradient| (dst.py).
 The update runs after the optimizer step of the update step (see dst.py).
 
 `grow_score=gradient_explore` swaps step 3's score for a DST-EE-style acquisition

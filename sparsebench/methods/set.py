@@ -16,6 +16,10 @@ Two protocols, recorded in the run's config as `method.protocol`:
   `delta_t` steps while t < T_end, drop the k = floor(f(t) nnz) smallest |W| over all active
   weights, grow k at random; f(t) is RigL's cosine (or constant) drop fraction from `alpha`.
 
+Under `distribution.structure=block` both protocols drop whole blocks by smallest sum of |W|
+(the original protocol's sign split has no block analogue: it drops zeta of the active blocks);
+under `nm` the drop is the protocol's own and each group regrows what it lost (dst.py).
+
 It differs from `rigl` by one function: grow scores are uniform random numbers, so no dense
 gradient is needed (FLOPs stay 3 f_S) and the masks change in `before_step` of the update step.
 
@@ -37,6 +41,7 @@ from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS
 from sparsebench.methods.dst import DropSchedule, DynamicSparseMethod
 from sparsebench.sparse.masked import PrunableTensor, RegrowInit, topk_mask
+from sparsebench.sparse.structure import StructureKind
 
 
 class SETProtocol(enum.Enum):
@@ -77,7 +82,10 @@ class SET(DynamicSparseMethod):
         self.memory: dict[str, torch.Tensor] = {}  # last value of each dropped weight (keep)
         init = {SETRegrowInit.zero: "new weights 0", SETRegrowInit.normal: f"new weights N(0, {o.init_std}^2)",
                 SETRegrowInit.keep: "new weights at their last value"}[o.regrow_init]
-        if o.protocol is SETProtocol.original:
+        if o.protocol is SETProtocol.original and self.engine.structure.kind is StructureKind.block:
+            self.description = (f"original protocol on {self.engine.structure}: once per epoch, zeta={o.zeta} of the "
+                                f"active blocks with the smallest sum of |W| regrown at random, {init}")
+        elif o.protocol is SETProtocol.original:
             self.description = (f"original protocol: once per epoch, zeta={o.zeta} of the smallest positive and "
                                 f"largest negative weights regrown at random, {init}")
         else:

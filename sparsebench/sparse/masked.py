@@ -11,7 +11,9 @@ change it guarantees (DESIGN.md, "the method interface"):
   and their optimizer state (SGD momentum, Adam/AdamW moments, any per-parameter tensor of the
   weight's shape) is reset, for any torch optimizer;
 * only conv and linear weights are prunable; biases, norms and embeddings never are, and the
-  layers kept dense are named explicitly (`dense_first`, `dense_last`, `dense_patterns`).
+  layers kept dense are named explicitly (`dense_first`, `dense_last`, `dense_patterns`);
+* every mask follows the engine's `structure` (structure.py: unstructured, N:M groups or square
+  blocks); it matters only when masks change, never on the per-step hot path.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from sparsebench.sparse.powerprop import trainable_weight
+from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -85,8 +88,10 @@ class MaskedModel:
         dense_first: bool = False,
         dense_last: bool = False,
         dense_patterns: Iterable[str] = (),
+        structure: SparsityStructure = UNSTRUCTURED,
     ):
         self.model = model
+        self.structure = structure
         candidates = [
             (f"{module_name}.weight" if module_name else "weight", module)
             for module_name, module in model.named_modules()
@@ -110,6 +115,7 @@ class MaskedModel:
             if name in dense:
                 continue
             weight = trainable_weight(module)  # v, not the computed w, under Powerprop
+            structure.check(name, weight.shape)  # ValueError naming the tensor
             self.tensors[name] = PrunableTensor(
                 name, module, weight, torch.ones_like(weight, dtype=torch.bool), 1.0
             )
@@ -205,6 +211,8 @@ class MaskedModel:
             raise MaskInvariantError(
                 f"{name}: mask has {nnz} active entries, density {density} needs exactly {expected}"
             )
+        if not self.structure.follows(new_mask):
+            raise MaskInvariantError(f"{name}: mask does not follow the structure {self.structure}")
         grown = new_mask & ~t.mask
         dropped = t.mask & ~new_mask
         n_grown, n_dropped = int(grown.sum()), int(dropped.sum())
@@ -239,15 +247,26 @@ class MaskedModel:
             n: self.set_mask(n, m, densities[n], optimizer, regrow_init) for n, m in masks.items()
         }
 
+    def round_densities(self, densities: Mapping[str, float]) -> dict[str, float]:
+        """Each density rounded to one the structure admits (unchanged when unstructured): what
+        a method must pass to `set_mask` with a mask from `structured_topk`."""
+        return {n: self.structure.round_density(self.tensors[n].param.shape, d) for n, d in densities.items()}
+
+    def structured_topk(self, scores: torch.Tensor, density: float) -> torch.Tensor:
+        """Exactly target_nnz(numel, density) entries at the largest `scores`, following the
+        structure (`topk_mask` when unstructured); `density` must be rounded (`round_densities`)."""
+        return self.structure.topk(scores, density)
+
     def random_masks(
         self, densities: Mapping[str, float], generator: torch.Generator
     ) -> dict[str, torch.Tensor]:
-        """Uniformly random masks with exact counts (RigL's get_mask_random)."""
+        """Uniformly random masks with exact counts (RigL's get_mask_random); under a structure,
+        uniformly random groups' entries (N:M) or blocks."""
         out = {}
         for name, density in densities.items():
             t = self.tensors[name]
             scores = torch.rand(t.param.shape, generator=generator).to(t.param.device)
-            out[name] = topk_mask(scores, target_nnz(t.numel, density))
+            out[name] = self.structured_topk(scores, density)
         return out
 
     def magnitude_masks(self, densities: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -257,7 +276,7 @@ class MaskedModel:
         for name, density in densities.items():
             t = self.tensors[name]
             scores = torch.where(t.mask, t.param.detach().abs(), torch.full_like(t.param, -1.0))
-            out[name] = topk_mask(scores, target_nnz(t.numel, density))
+            out[name] = self.structured_topk(scores, density)
         return out
 
     def grow_dense(
