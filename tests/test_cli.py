@@ -214,3 +214,17 @@ def test_wheel_ships_the_configs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparsebench", "train", "--cfg", "job"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0 and "name: gap" in proc.stdout, proc.stderr
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(cli.CONFIG_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_presets_compose_for_every_method(experiment):
+    from sparsebench.config import validate
+    from sparsebench.methods import METHODS
+
+    for method in METHODS.names():
+        cfg = cli.resolve(cli.compose_config([f"experiment={experiment}", f"method={method}", "epochs=7"]))
+        validate(cfg)
+        assert cfg["exp"] == experiment and cfg["epochs"] == 7  # the command line wins over the preset
