@@ -152,6 +152,13 @@ class SparsityMethod:
         pass
 
     # ---------------------------------------------------------------- helpers for subclasses
+    def check_pruning_window(self, begin: float, end: float, frequency: int) -> None:
+        """Options `begin`, `end` (fractions of training) and `frequency` (steps) of a schedule."""
+        if not 0.0 <= begin < end < 1.0:
+            raise UserError(f"method.begin={begin}, method.end={end}: need 0 <= begin < end < 1")
+        if frequency < 1:
+            raise UserError(f"method.frequency={frequency}: expected a positive number of steps")
+
     def scaled_densities(self, sparsity: float) -> dict[str, float]:
         """Per-tensor densities at an intermediate global `sparsity`, keeping the allocation's
         shape: each tensor's sparsity s_l is scaled by sparsity / s (uniform for `global`).

@@ -57,10 +57,7 @@ class DPF(SparsityMethod):
 
     def validate(self) -> None:
         o = self.options
-        if not 0.0 <= o.begin < o.end < 1.0:
-            raise UserError(f"method.begin={o.begin}, method.end={o.end}: need 0 <= begin < end < 1")
-        if o.frequency < 1:
-            raise UserError(f"method.frequency={o.frequency}: expected a positive number of steps")
+        self.check_pruning_window(o.begin, o.end, o.frequency)
         self.begin_step = round(o.begin * self.total_steps)
         self.end_step = round(o.end * self.total_steps)
         if self.end_step >= self.total_steps or self.end_step <= self.begin_step:

@@ -34,10 +34,7 @@ class GMP(SparsityMethod):
 
     def validate(self) -> None:
         o = self.options
-        if not 0.0 <= o.begin < o.end < 1.0:
-            raise UserError(f"method.begin={o.begin}, method.end={o.end}: need 0 <= begin < end < 1")
-        if o.frequency < 1:
-            raise UserError(f"method.frequency={o.frequency}: expected a positive number of steps")
+        self.check_pruning_window(o.begin, o.end, o.frequency)
         if not 0.0 <= o.initial_sparsity <= self.target.sparsity:
             raise UserError(
                 f"method.initial_sparsity={o.initial_sparsity}: expected a value in [0, sparsity={self.target.sparsity}]"
