@@ -26,7 +26,7 @@ from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import UserError
 from sparsebench.live_log import TensorBoardLog
-from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext
+from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
 from sparsebench.schedules import lr_at
 from sparsebench.sparse.allocation import layer_densities
@@ -266,13 +266,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
                 return
             run.optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            method.after_backward(ctx)
-            if method.mask_gradients:
-                engine.mask_gradients()
-            scaler.step(run.optimizer)
-            scaler.update()
-            method.after_step(ctx)
-            engine.apply_masks()
+            finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
             if engine.mask_events:
                 log_mask_update(path, state["step"], epoch + 1, engine.pop_mask_events())
 

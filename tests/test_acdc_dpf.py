@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import UserError
-from sparsebench.methods import METHODS, SparsityTarget, StepContext
+from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.acdc import COMPRESSED, DECOMPRESSED, phase_boundaries
 from sparsebench.schedules import cubic_sparsity
 from sparsebench.sparse.masked import MaskedModel, target_nnz
@@ -53,12 +53,7 @@ class Loop:
                 mid(step)
             self.optimizer.zero_grad()
             nn.functional.cross_entropy(self.model(self.x), self.y).backward()
-            self.method.after_backward(self.ctx)
-            if self.method.mask_gradients:
-                self.engine.mask_gradients()
-            self.optimizer.step()
-            self.method.after_step(self.ctx)
-            self.engine.apply_masks()
+            finish_step(self.method, self.engine, self.ctx, self.optimizer.step)
             for name, t in self.engine.tensors.items():
                 assert int(t.mask.sum()) == target_nnz(t.numel, t.density), (step, name)
                 assert torch.all(t.param[~t.mask] == 0), (step, name)

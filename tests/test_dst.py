@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import UserError
-from sparsebench.methods import METHODS, SparsityTarget, StepContext
+from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.dst import DropSchedule
 from sparsebench.methods.rigl import GrowScore
 from sparsebench.methods.set import SETProtocol, SETRegrowInit
@@ -65,20 +65,16 @@ class Loop:
         self.method.start(self.ctx)
         return self
 
-    def step(self, step, after_before_step=None, after_after_step=None):
+    def step(self, step, after_before_step=None, after_step=None):
         self.ctx.step = step
         self.method.before_step(self.ctx)
         if after_before_step:
             after_before_step(step)
         self.optimizer.zero_grad()
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
-        self.method.after_backward(self.ctx)
-        self.engine.mask_gradients()
-        self.optimizer.step()
-        self.method.after_step(self.ctx)
-        if after_after_step:
-            after_after_step(step)
-        self.engine.apply_masks()
+        finish_step(self.method, self.engine, self.ctx, self.optimizer.step)
+        if after_step:
+            after_step(step)
 
     def run(self, steps=None, **hooks):
         self.start()
@@ -283,14 +279,14 @@ def test_exact_counts_after_every_update(method, options, sparsity):
         assert_exact(loop.engine)
         changed.extend(loop.engine.pop_mask_events())
 
-    def check_counts(step):  # after the optimizer step the engine has not re-applied masks yet
+    def check_counts(step):  # after RigL's update, which runs in after_step
         for t in loop.engine.tensors.values():
             assert int(t.mask.sum()) == target_nnz(t.numel, t.density)
 
     loop.start()
     loop.engine.pop_mask_events()  # the initial random masks
     for step in range(loop.total_steps):
-        loop.step(step, after_before_step=check, after_after_step=check_counts)
+        loop.step(step, after_before_step=check, after_step=check_counts)
     assert_exact(loop.engine)
     assert changed and all(dropped == grown for _, dropped, grown in changed)  # masks really moved
     for name, t in loop.engine.tensors.items():
@@ -341,6 +337,8 @@ def test_grown_weights_start_at_zero_with_reset_optimizer_state(method, options,
             seen.append(step)
 
     loop.start()
+    # Written out, not finish_step: the optimizer state must be filled between the optimizer step
+    # and RigL's update in after_step, so that a reset is visible.
     for step in range(30):
         loop.ctx.step = step
         if method == "set":  # SET changes masks in before_step

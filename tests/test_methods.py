@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import UserError
-from sparsebench.methods import METHODS, SparsityTarget, StepContext
+from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.gap import GaPVariant, PartitionKind, contiguous_partitions, stage_partitions
 from sparsebench.models import create_model
 from sparsebench.schedules import cubic_sparsity, lr_at
@@ -56,12 +56,7 @@ class Harness:
                 on_step(step)
             self.optimizer.zero_grad()
             nn.functional.cross_entropy(self.model(self.x), self.y).backward()
-            self.method.after_backward(self.ctx)
-            if self.method.mask_gradients:
-                self.engine.mask_gradients()
-            self.optimizer.step()
-            self.method.after_step(self.ctx)
-            self.engine.apply_masks()
+            finish_step(self.method, self.engine, self.ctx, self.optimizer.step)
             if check:
                 assert_invariants(self.engine)
         return self

@@ -6,7 +6,7 @@ from torch import nn
 
 from sparsebench import cli
 from sparsebench.errors import UserError
-from sparsebench.methods import METHODS, SparsityTarget, StepContext
+from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.set import SETProtocol
 from sparsebench.sparse.masked import MaskedModel, MaskInvariantError, target_nnz
 from sparsebench.sparse.structure import SparsityStructure, StructureKind
@@ -85,11 +85,7 @@ class Loop:
             self.method.before_step(self.ctx)
             self.optimizer.zero_grad()
             nn.functional.cross_entropy(self.model(self.x), self.y).backward()
-            self.method.after_backward(self.ctx)
-            self.engine.mask_gradients()
-            self.optimizer.step()
-            self.method.after_step(self.ctx)
-            self.engine.apply_masks()
+            finish_step(self.method, self.engine, self.ctx, self.optimizer.step)
             assert_structured(self.engine)
             history.append(self.engine.masks())
         return history

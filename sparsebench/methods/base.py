@@ -64,6 +64,19 @@ class NoOptions:
 METHODS: Registry[type["SparsityMethod"]] = Registry("method")
 
 
+def finish_step(method: "SparsityMethod", engine: MaskedModel, ctx: StepContext, step_optimizer: Callable[[], None]) -> None:
+    """The sparse half of a training step, after loss.backward(), in the order every method relies on.
+
+    The trainer and the tests both call this, so the tests exercise the trainer's real order.
+    """
+    method.after_backward(ctx)  # dense gradients are still in .grad here
+    if method.mask_gradients:
+        engine.mask_gradients()
+    step_optimizer()
+    method.after_step(ctx)  # weights updated, masks not yet re-applied
+    engine.apply_masks()
+
+
 class SparsityMethod:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
