@@ -63,8 +63,8 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     return adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 
-def sparsity_target(cfg: Config, engine: MaskedModel, sparsity: float) -> SparsityTarget:
-    d = cfg.distribution_options
+def sparsity_target(cfg: Config, engine: MaskedModel) -> SparsityTarget:
+    d, sparsity = cfg.distribution_options, cfg.run.sparsity
     if cfg.distribution == "global":
         return SparsityTarget(sparsity, "global", None)
     shapes = {n: t.param.shape for n, t in engine.tensors.items()}
@@ -86,7 +86,7 @@ class Run:
     steps_per_epoch: int
 
 
-def build_run(cfg: Config, sparsity: float) -> Run:
+def build_run(cfg: Config) -> Run:
     run = cfg.run
     seed_everything(run.seed)
     device = pick_device(run.device)
@@ -102,7 +102,7 @@ def build_run(cfg: Config, sparsity: float) -> Run:
         apply_powerprop(model, engine.names, run.powerprop)
         engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers, structure)
     steps_per_epoch = math.ceil(len(data.train) / run.batch_size)
-    target = sparsity_target(cfg, engine, sparsity)
+    target = sparsity_target(cfg, engine)
     method_cls = METHODS.get(cfg.method)
     generator = torch.Generator().manual_seed(run.seed + 1)
     method = method_cls(cfg.method_options, engine, target, run.epochs * steps_per_epoch, steps_per_epoch, generator)
@@ -169,8 +169,7 @@ def set_rng_state(state: dict) -> None:
 
 def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     """Train one run into its directory; returns the directory. Skips a completed run."""
-    sparsity = cfg.run.sparsity
-    run = build_run(cfg, sparsity)  # every user error surfaces here, before any directory exists
+    run = build_run(cfg)  # every user error surfaces here, before any directory exists
     if cfg.run.dry_run:
         dry_run.describe(run, log)
         return None
@@ -183,18 +182,18 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
         if not locked:
             log(f"another process is training this run, skipped: {path}")
             return path
-        if results.is_complete(path):  # finished by another process while we waited
+        if results.is_complete(path):  # finished by another process since the check above
             return path
         results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
         results.remove_stale_temporaries(path)
         try:
-            _train_locked(run, path, sparsity)
+            _train_locked(run, path)
         except OSError as exc:  # full disk, vanished directory: final.json is absent, so not a result
             raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
     return path
 
 
-def _train_locked(run: Run, path: Path, sparsity: float) -> None:
+def _train_locked(run: Run, path: Path) -> None:
     cfg, model, engine, method, device = run.cfg, run.model, run.engine, run.method, run.device
     o, sched = cfg.run, cfg.schedule_options
     total_steps = o.epochs * run.steps_per_epoch
@@ -258,7 +257,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
             if not torch.isfinite(loss):
-                _write_diverged(path, run, sparsity, state, started)
+                _write_diverged(path, run, state, started)
                 bar.close()
                 if live_log:
                     live_log.close()
@@ -314,7 +313,7 @@ def _train_locked(run: Run, path: Path, sparsity: float) -> None:
     results.atomic_torch_save(path / results.MODEL_FILE, export_state_dict(model))
     for name, artifact in method.artifacts().items():
         results.atomic_torch_save(path / f"{name}.pt", artifact)
-    final = _summary(run, sparsity, state, "completed")
+    final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
@@ -332,12 +331,12 @@ def log_mask_update(path: Path, step: int, epoch: int, events: list[tuple[str, i
     results.append_jsonl(path / results.MASK_UPDATES_FILE, {"step": step, "epoch": epoch, "layers": layers})
 
 
-def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
+def _summary(run: Run, state: dict, status: str) -> dict:
     cfg = run.cfg
     return {
         "status": status,
         "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
-        "sparsity": sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
+        "sparsity": cfg.run.sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
         "actual_sparsity": run.engine.actual_sparsity(),
         "itop_rate": run.engine.itop_rate(),
         "layer_densities": run.engine.weight_densities(),
@@ -349,9 +348,9 @@ def _summary(run: Run, sparsity: float, state: dict, status: str) -> dict:
     }
 
 
-def _write_diverged(path: Path, run: Run, sparsity: float, state: dict, started: float) -> None:
+def _write_diverged(path: Path, run: Run, state: dict, started: float) -> None:
     state["wall_time_s"] = time.perf_counter() - started
-    final = _summary(run, sparsity, state, "diverged")
+    final = _summary(run, state, "diverged")
     final.update(diverged_at_step=state["step"], test_acc=float("nan"), test_loss=float("nan"))
     results.atomic_write_json(path / results.FINAL_FILE, final)
     (path / results.CHECKPOINT_FILE).unlink(missing_ok=True)
