@@ -5,6 +5,7 @@ alone gives the value.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
@@ -56,3 +57,9 @@ def cosine_drop_fraction(step: int, alpha: float, end: int) -> float:
     if end <= 0 or step > end:
         return 0.0
     return 0.5 * alpha * (1.0 + math.cos(math.pi * step / end))
+
+
+def last_event(events: Sequence[int], step: int) -> int | None:
+    """The last of the sorted `events` at or before `step` (bisect: plans are queried often)."""
+    i = bisect.bisect_right(events, step)
+    return events[i - 1] if i else None

@@ -219,3 +219,19 @@ def test_options_are_dataclasses_with_defaults():
     for name in METHODS.names():
         assert dataclasses.is_dataclass(METHODS.get(name).Options)
         METHODS.get(name).Options()  # every option has a default
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_plan_changes_only_at_mask_update_steps_and_segment_flops_are_exact(method):
+    """The dry run relies on it: densities are asked for once per segment between updates."""
+    from sparsebench.dry_run import planned_flops
+    from sparsebench.sparse.flops import FlopCounter
+
+    h = Harness(method, 0.9)
+    updates = set(h.method.mask_update_steps())
+    for step in range(1, STEPS):
+        if step not in updates:
+            assert h.method.densities_at(step) == h.method.densities_at(step - 1), step
+    counter = FlopCounter({n: 100 * (i + 1) for i, n in enumerate(h.engine.names)})
+    step_by_step = sum(counter.train_step(h.method.densities_at(t), h.method.dense_weight_grad(t)) for t in range(STEPS))
+    assert planned_flops(h.method, counter) == pytest.approx(step_by_step)

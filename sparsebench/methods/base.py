@@ -151,8 +151,9 @@ class SparsityMethod:
         return None
 
     def densities_at(self, step: int) -> dict[str, float]:
-        """Planned mask density per tensor during `step` (FLOPs of a dry run). A `global`
-        allocation is only known once trained weights exist: estimated as uniform."""
+        """Planned mask density per tensor during `step` (FLOPs of a dry run). It may change
+        only at the steps of `mask_update_steps()`. A `global` allocation is only known once
+        trained weights exist: estimated as uniform."""
         if self.target.densities is None:
             return self.engine.round_densities({n: self.target.density for n in self.engine.names})
         return self.engine.round_densities(self.target.densities)

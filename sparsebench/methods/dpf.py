@@ -37,7 +37,7 @@ import torch
 
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
-from sparsebench.schedules import cubic_sparsity
+from sparsebench.schedules import cubic_sparsity, last_event
 from sparsebench.sparse.allocation import global_topk_counts
 from sparsebench.sparse.masked import target_nnz, topk_mask
 
@@ -77,10 +77,6 @@ class DPF(SparsityMethod):
     def sparsity_at(self, step: int) -> float:
         """Cubic sparsity s_t (Zhu & Gupta eq. 1) from 0 at `begin` to the target at `end`."""
         return cubic_sparsity(step, 0.0, self.target.sparsity, self.begin_step, self.end_step)
-
-    def last_refresh(self, step: int) -> int | None:
-        past = [t for t in self.refresh_steps if t <= step]
-        return past[-1] if past else None
 
     # ------------------------------------------------------------ hooks
     @torch.no_grad()
@@ -145,11 +141,8 @@ class DPF(SparsityMethod):
         return [t for t in self.refresh_steps if self.sparsity_at(t) > 0]
 
     def schedule_value(self, step: int) -> tuple[str, float]:
-        last = self.last_refresh(step)
+        last = last_event(self.refresh_steps, step)
         return ("sparsity", 0.0 if last is None else self.sparsity_at(last))
 
     def densities_at(self, step: int) -> dict[str, float]:
-        sparsity = self.schedule_value(step)[1]
-        if self.target.densities is None:  # global: only known from trained weights, estimated uniform
-            return {n: 1.0 - sparsity for n in self.engine.names}
-        return self.scaled_densities(sparsity)
+        return self.scaled_densities(self.schedule_value(step)[1])  # global: estimated uniform

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
-from sparsebench.schedules import cubic_sparsity
+from sparsebench.schedules import cubic_sparsity, last_event
 
 
 @dataclass
@@ -41,6 +41,8 @@ class GMP(SparsityMethod):
             )
         self.begin_step = int(o.begin * self.total_steps)
         self.end_step = int(o.end * self.total_steps)
+        self.events = [t for t in range(self.begin_step, self.end_step + 1)
+                       if self.is_pruning_step(t) and self.sparsity_at(t) > 0]
 
     def sparsity_at(self, step: int) -> float:
         return cubic_sparsity(step, self.options.initial_sparsity, self.target.sparsity, self.begin_step, self.end_step)
@@ -56,12 +58,12 @@ class GMP(SparsityMethod):
                 self.magnitude_prune(ctx.optimizer, sparsity=sparsity)
 
     def mask_update_steps(self) -> list[int]:
-        return [t for t in range(self.begin_step, self.end_step + 1) if self.is_pruning_step(t) and self.sparsity_at(t) > 0]
+        return list(self.events)
 
     def schedule_value(self, step: int) -> tuple[str, float]:
         """The sparsity in force during `step` (set at the last pruning event)."""
-        events = [t for t in self.mask_update_steps() if t <= step]
-        return "sparsity", self.sparsity_at(events[-1]) if events else 0.0
+        last = last_event(self.events, step)
+        return "sparsity", 0.0 if last is None else self.sparsity_at(last)
 
     def densities_at(self, step: int) -> dict[str, float]:
         return self.scaled_densities(self.schedule_value(step)[1])
