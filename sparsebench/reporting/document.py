@@ -64,7 +64,8 @@ def build_document(
     figures: list[list[Image]] | None,
 ) -> list[Block]:
     """Overview, then each table with its figures (`figures[i]` belongs to `tables[i]`), then health."""
-    blocks: list[Block] = [Heading("sparsebench report", 1), _overview(source, runs, comparison)]
+    overview = _overview(source, runs, comparison, len(health.suspicious))
+    blocks: list[Block] = [Heading("sparsebench report", 1), overview]
     for index, table in enumerate(tables):
         blocks += _result_blocks(table, comparison)
         if figures is not None:
@@ -72,7 +73,7 @@ def build_document(
     return blocks + _health_blocks(health, comparison.modal_n)
 
 
-def _overview(source: str, runs: pd.DataFrame, comparison: Comparison) -> Text:
+def _overview(source: str, runs: pd.DataFrame, comparison: Comparison, at_chance: int) -> Text:
     counts = runs["state"].value_counts()
     states = ", ".join(
         f"{counts.get(state, 0)} {word}"
@@ -80,10 +81,16 @@ def _overview(source: str, runs: pd.DataFrame, comparison: Comparison) -> Text:
     )
     if comparison.summary.empty:
         return Text(f"{len(runs)} runs under {source}: {states}. No run finished healthy yet, so no tables: see Health.")
+    left_out = " Runs listed under Health are left out of every mean"
+    if at_chance == 1:
+        left_out += ", except the run at chance level, which is averaged but flagged."
+    elif at_chance:
+        left_out += f", except the {at_chance} runs at chance level, which are averaged but flagged."
+    else:
+        left_out += "."
     return Text(
         f"{len(runs)} runs under {source}: {states}. Tables compare the {METRIC_LABELS[comparison.metric]}"
-        f" as mean ± sample std over seeds, n = {comparison.modal_n} per cell unless marked."
-        " Runs listed under Health are left out of every mean."
+        f" as mean ± sample std over seeds, n = {comparison.modal_n} per cell unless marked.{left_out}"
     )
 
 
@@ -138,8 +145,8 @@ def _flops_caption(table: TableSlice, title: str) -> str:
 
 
 _PROBLEM_SECTIONS = (
-    (INCOMPLETE, "Incomplete runs (no final.json: still running or killed)"),
-    (FAILED, "Failed runs (unreadable or corrupt files)"),
+    (INCOMPLETE, "Incomplete runs (no readable final.json: still running, killed, or still being copied)"),
+    (FAILED, "Failed runs (unreadable, corrupt or invalid files)"),
     (DIVERGED, "Diverged runs"),
 )
 
@@ -156,6 +163,16 @@ def _health_blocks(health: Health, modal_n: int) -> list[Block]:
                 Heading(f"{title}: {len(listed)}", 3),
                 Table("Left out of every mean.", partial(plain_table, listed), False),
             ]
+    if len(health.suspicious):
+        blocks += [
+            Heading(f"Runs at chance level: {len(health.suspicious)}", 3),
+            Table(
+                "Averaged with the other seeds, since a terrible config is still a result, but flagged: the final "
+                "test accuracy is at most min(1, chance/2) points above chance (100 / classes %), so the run "
+                "learned nothing.",
+                partial(plain_table, health.suspicious), False,
+            ),
+        ]
     if len(health.seed_gaps):
         blocks += [
             Heading(f"Groups missing seeds: {len(health.seed_gaps)}", 3),

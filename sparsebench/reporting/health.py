@@ -1,4 +1,5 @@
-"""What must not be averaged silently: broken runs, groups short of seeds, seeds run twice."""
+"""What must not be averaged silently: broken runs, groups short of seeds, seeds run twice, and
+healthy runs that learned nothing (averaged, but flagged)."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -13,17 +14,21 @@ from sparsebench.reporting.load import OK, RESULT_COLUMNS
 @dataclass(frozen=True)
 class Health:
     problems: pd.DataFrame  # runs left out of every mean: run, state, problem
+    suspicious: pd.DataFrame  # healthy runs that are averaged but flagged (at chance level): run, problem
     seed_gaps: pd.DataFrame  # groups with fewer healthy runs than the usual group
     duplicate_seeds: pd.DataFrame  # groups averaging two runs of one seed, and what tells them apart
 
     @property
     def clean(self) -> bool:
-        return self.problems.empty and self.seed_gaps.empty and self.duplicate_seeds.empty
+        return self.problems.empty and self.suspicious.empty and self.seed_gaps.empty and self.duplicate_seeds.empty
 
 
 def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
     problems = runs.loc[runs["state"] != OK, ["run", "state", "problem"]].reset_index(drop=True)
-    return Health(problems, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys))
+    # The loader leaves the problem of a healthy run empty unless it found something suspicious.
+    flagged = (runs["state"] == OK) & runs["problem"].fillna("").astype(bool)
+    suspicious = runs.loc[flagged, ["run", "problem"]].reset_index(drop=True)
+    return Health(problems, suspicious, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys))
 
 
 def seed_gaps(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
