@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
             type(None): "null", dict: "a mapping"}.get(tp, str(tp))
 
 
@@ -67,7 +69,9 @@ def _convert(value: Any, tp) -> Any:
             return value
         raise ValueError
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN and inf are refused everywhere: no option means "not a number" (lr=nan used to
+        # train to a "diverged" directory, gamma=inf to a silent wrong run).
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise ValueError
     if tp is str:
@@ -135,7 +139,7 @@ class RunOptions:
     progress: Progress = Progress.auto
     powerprop: float = 1.0  # Powerpropagation alpha for the prunable weights; 1 = off
     dry_run: bool = False
-    tensorboard: bool = False  # live scalars in <run dir>/tensorboard (needs the tensorboard extra)  # print the plan (densities, mask-change steps, FLOPs) and stop
+    tensorboard: bool = False  # live scalars in <run dir>/tensorboard (needs the tensorboard extra)
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 
@@ -251,28 +255,80 @@ def _check_structure(d: DistributionOptions, distribution: str, method: str, met
             )
 
 
+SEED_MAX = 2**32 - 1  # NumPy's legacy seeding takes seeds in [0, 2^32)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def check_seed(seed: Any) -> int:
+    """The one seed rule, for validate and for the seeds of a sweep checked on their own."""
+    try:
+        seed = _convert(seed, int)
+    except ValueError:
+        raise UserError(f"seed={seed!r}: expected an integer") from None
+    _require(0 <= seed <= SEED_MAX, f"seed={seed}: expected an integer in [0, {SEED_MAX}]")
+    return seed
+
+
+def _check_run(run: RunOptions) -> None:
+    _require(0.0 <= run.sparsity < 1.0, f"sparsity={run.sparsity}: expected a fraction of zeros in [0, 1)")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _require(getattr(run, key) >= 1, f"{key}={getattr(run, key)}: expected a positive integer")
+    check_seed(run.seed)
+    _require(run.num_workers >= 0, f"num_workers={run.num_workers}: expected a non-negative integer")
+    _require(run.powerprop >= 1.0, f"powerprop={run.powerprop}: expected alpha >= 1 (1 turns Powerpropagation off)")
+    _require(0.0 <= run.label_smoothing < 1.0, f"label_smoothing={run.label_smoothing}: expected a value in [0, 1)")
+    _check_exp(run.exp)
+    _require(bool(run.results_root), "results_root='': expected a directory")
+    if run.tensorboard:
+        require_tensorboard()
+
+
+def _check_exp(exp: str) -> None:
+    """`exp` names a folder *inside* results_root: relative, and never climbing out of it."""
+    parts = exp.replace(os.sep, "/").split("/")
+    _require(
+        bool(exp) and not os.path.isabs(exp) and ".." not in parts and "\0" not in exp,
+        f"exp={exp!r}: expected a relative folder name inside results_root (no leading '/', no '..')",
+    )
+
+
+def _check_optimizer(name: str, o) -> None:
+    _require(o.lr > 0, f"optimizer.lr={o.lr}: expected a positive learning rate")
+    _require(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay}: expected a value >= 0")
+    if isinstance(o, SGDOptions):
+        _require(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum}: expected a value in [0, 1)")
+        _require(not o.nesterov or o.momentum > 0, "optimizer.nesterov=true needs optimizer.momentum > 0")
+    else:
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(o, key) < 1, f"optimizer.{key}={getattr(o, key)}: expected a value in [0, 1)")
+        _require(o.eps > 0, f"optimizer.eps={o.eps}: expected a positive number")
+
+
+def _check_schedule(s: ScheduleOptions, epochs: int, lr: float) -> None:
+    _require(0 <= s.warmup_epochs < epochs,
+             f"schedule.warmup_epochs={s.warmup_epochs}: expected a value in [0, epochs={epochs})")
+    _require(0 < s.gamma <= 1, f"schedule.gamma={s.gamma}: expected a decay factor in (0, 1]")
+    _require(0 <= s.min_lr <= lr, f"schedule.min_lr={s.min_lr}: expected a value in [0, optimizer.lr={lr}]")
+    # Milestones past `epochs` are allowed: a preset shortened for a smoke run keeps its LR steps.
+    _require(all(m >= 1 for m in s.milestones) and s.milestones == sorted(set(s.milestones)),
+             f"schedule.milestones={s.milestones}: expected increasing epoch numbers >= 1")
+
+
 def validate(cfg: Mapping) -> Config:
     """Validate a resolved config (a plain dict); raise UserError on the first bad value."""
     from sparsebench.methods import METHODS  # late: methods import the engine and torch
 
     groups = ("method", "model", "dataset", "distribution", "optimizer", "schedule")
     top = {k: v for k, v in cfg.items() if k not in groups}
+    removed = [f.name for f in dataclasses.fields(RunOptions) if f.name not in top]
+    if removed:  # `~sparsity` on the command line: every top-level key is part of the contract
+        raise UserError(f"{removed[0]} was removed from the config (~{removed[0]}); it is required: give it a value")
     run = parse_options(RunOptions, top, "", "sparsebench train")
-    if not 0.0 <= run.sparsity < 1.0:
-        raise UserError(f"sparsity={run.sparsity}: expected a fraction of zeros in [0, 1)")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(run, key) < 1:
-            raise UserError(f"{key}={getattr(run, key)}: expected a positive integer")
-    if run.seed < 0 or run.num_workers < 0:
-        raise UserError("seed and num_workers must be non-negative integers")
-    if run.tensorboard:
-        require_tensorboard()
-    if run.powerprop < 1.0:
-        raise UserError(f"powerprop={run.powerprop}: expected alpha >= 1 (1 turns Powerpropagation off)")
-    if not 0.0 <= run.label_smoothing < 1.0:
-        raise UserError(f"label_smoothing={run.label_smoothing}: expected a value in [0, 1)")
-    if not run.exp or ".." in run.exp.split("/"):
-        raise UserError(f"exp={run.exp!r}: expected a non-empty name without '..'")
+    _check_run(run)
 
     method, method_raw = _group(cfg, "method")
     method_cls = METHODS.get(method)
@@ -283,6 +339,8 @@ def validate(cfg: Mapping) -> Config:
     dist_options = parse_options(DistributionOptions, dist_raw, "distribution.", f"distribution {distribution}")
     if (distribution == "custom") != (dist_options.file is not None):
         raise UserError("distribution.file is required by distribution=custom and used by no other distribution")
+    _require(dist_options.erk_power_scale >= 0,
+             f"distribution.erk_power_scale={dist_options.erk_power_scale}: expected a value >= 0")
     if distribution == "global" and not method_cls.supports_global_allocation:
         raise UserError(
             f"distribution=global picks layer densities from trained weights, but method {method} draws its "
@@ -293,18 +351,25 @@ def validate(cfg: Mapping) -> Config:
     optimizer, opt_raw = _group(cfg, "optimizer")
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     optimizer_options = parse_options(OPTIMIZERS[optimizer], opt_raw, "optimizer.", f"optimizer {optimizer}")
-    if optimizer_options.lr <= 0:
-        raise UserError(f"optimizer.lr={optimizer_options.lr}: expected a positive learning rate")
+    _check_optimizer(optimizer, optimizer_options)
 
     schedule, sched_raw = _group(cfg, "schedule")
     _check_choice("schedule", schedule, SCHEDULES)
     schedule_options = parse_options(ScheduleOptions, sched_raw, "schedule.", f"schedule {schedule}")
-    if schedule_options.warmup_epochs < 0 or schedule_options.warmup_epochs >= run.epochs:
-        raise UserError(f"schedule.warmup_epochs={schedule_options.warmup_epochs}: expected a value in [0, epochs)")
+    _check_schedule(schedule_options, run.epochs, optimizer_options.lr)
 
     model, model_options = _group(cfg, "model")
     dataset, dataset_options = _group(cfg, "dataset")
+    _check_plain_options("model", model_options)
+    _check_plain_options("dataset", dataset_options)
     return Config(
         run, method, method_options, model, model_options, dataset, dataset_options,
         distribution, dist_options, optimizer, optimizer_options, schedule, schedule_options,
     )
+
+
+def _check_plain_options(group: str, options: Mapping) -> None:
+    """Model and dataset options are checked by their factories; NaN/inf never reach them."""
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{group}.{key}={value}: expected a finite number")

@@ -31,6 +31,7 @@ FINAL_FILE = "final.json"
 MODEL_FILE = "model.pt"
 CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = ".lock"
+MAX_FINAL_BYTES = 1 << 20  # a final.json is a few kB; anything larger is not one of ours
 
 # Keys that say where or how a run is shown, not what it computes.
 NON_SEMANTIC_KEYS = ("results_root", "exp", "progress", "num_workers", "paper", "dry_run", "tensorboard")
@@ -53,9 +54,12 @@ def method_label(method: str, powerprop: float | None) -> str:
 
 
 def run_dir(resolved: Mapping) -> Path:
+    """The run's directory, always inside results_root (config.validate refuses an `exp` that
+    would leave it; checked again here because a wrong path would write over someone's files)."""
     sparsity = resolved["sparsity"]
-    return (
-        Path(resolved["results_root"])
+    root = Path(resolved["results_root"])
+    path = (
+        root
         / resolved["exp"]
         / resolved["dataset"]["name"]
         / resolved["model"]["name"]
@@ -63,6 +67,9 @@ def run_dir(resolved: Mapping) -> Path:
         / f"sparsity={sparsity:g}"
         / f"seed={resolved['seed']}-{config_hash(resolved)}"
     )
+    if os.path.commonpath([os.path.normpath(root.absolute()), os.path.normpath(path.absolute())]) != os.path.normpath(root.absolute()):
+        raise UserError(f"exp={resolved['exp']!r}: the run directory {path} would lie outside results_root={root}")
+    return path
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -127,25 +134,32 @@ def append_jsonl(path: Path, obj) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All complete records; a torn (unparseable) last line from a killed run is dropped."""
-    records = []
+    """All complete records. A line that is not a JSON object (torn by a kill, garbled on disk)
+    is skipped wherever it is: one bad line must not make a run unresumable or unreportable."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(errors="replace").splitlines()
     except FileNotFoundError:
         return []
-    for i, line in enumerate(lines):
+    records = []
+    for line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError, and numbers too long to convert
+            continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
 def truncate_jsonl(path: Path, key: str, last: int) -> None:
-    """On resume, keep only records with record[key] <= last (later ones will be redone)."""
-    kept = [r for r in read_jsonl(path) if r.get(key, 0) <= last]
+    """On resume, keep only records with record[key] <= last (later ones will be redone);
+    unreadable lines are dropped, so the file is repaired as a side effect."""
+    kept = [r for r in read_jsonl(path) if _is_number(r.get(key, 0)) and r.get(key, 0) <= last]
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------- directories
@@ -186,4 +200,14 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def is_complete(path: Path) -> bool:
-    return (Path(path) / FINAL_FILE).is_file()
+    """final.json is a regular file holding a JSON object with a status: a truncated or garbled
+    one (a disk that filled during the rename, a bad copy) means the run is not done."""
+    final = Path(path) / FINAL_FILE
+    if final.is_symlink() or not final.is_file():
+        return False
+    try:
+        with open(final, "rb") as f:
+            record = json.loads(f.read(MAX_FINAL_BYTES + 1))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("status"), str)

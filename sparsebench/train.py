@@ -8,6 +8,7 @@ order is a function of (seed, epoch) so the resumed epochs see the same batches.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sparsebench import dry_run, results
+from sparsebench import checkpoint, dry_run, interrupts, results
 from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
-from sparsebench.errors import UserError
+from sparsebench.errors import RunInterrupted, UserError
 from sparsebench.live_log import TensorBoardLog
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
@@ -86,11 +87,12 @@ class Run:
     steps_per_epoch: int
 
 
-def build_run(cfg: Config) -> Run:
+def build_run(cfg: Config, data: DatasetBundle | None = None, device: torch.device | None = None) -> Run:
+    """Data, model, engine, method and optimizer for `cfg` (`data`/`device` given by check_run)."""
     run = cfg.run
     seed_everything(run.seed)
-    device = pick_device(run.device)
-    data = load_dataset(cfg.dataset, **cfg.dataset_options)
+    device = device or pick_device(run.device)
+    data = data or load_dataset(cfg.dataset, **cfg.dataset_options)
     model = create_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options).to(device)
     d = cfg.distribution_options
     structure = d.sparsity_structure()  # N:M or blocks: every mask the engine installs follows it
@@ -108,6 +110,18 @@ def build_run(cfg: Config) -> Run:
     method = method_cls(cfg.method_options, engine, target, run.epochs * steps_per_epoch, steps_per_epoch, generator)
     optimizer = build_optimizer(cfg, model)
     return Run(cfg, data, model, engine, method, optimizer, device, steps_per_epoch)
+
+
+def check_run(cfg: Config, data_cache: dict) -> None:
+    """Everything build_run checks, without a real model: the model is made on PyTorch's meta
+    device (shapes only, no memory), so a sweep's every job is checked before the first starts.
+    Datasets are loaded once per distinct dataset config (`data_cache`)."""
+    pick_device(cfg.run.device)
+    key = json.dumps([cfg.dataset, cfg.dataset_options], sort_keys=True, default=str)
+    if key not in data_cache:
+        data_cache[key] = load_dataset(cfg.dataset, **cfg.dataset_options)
+    with torch.device("meta"):
+        build_run(cfg, data_cache[key], torch.device("meta"))
 
 
 def train_loader(run: Run, epoch: int) -> DataLoader:
@@ -152,21 +166,6 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return ece
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     """Train one run into its directory; returns the directory. Skips a completed run."""
     run = build_run(cfg)  # every user error surfaces here, before any directory exists
@@ -186,10 +185,19 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
             return path
         results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
         results.remove_stale_temporaries(path)
+        (path / results.FINAL_FILE).unlink(missing_ok=True)  # unreadable, so not a result: redone
         try:
-            _train_locked(run, path)
+            with interrupts.signals_as_exceptions():
+                _train_locked(run, path)
         except OSError as exc:  # full disk, vanished directory: final.json is absent, so not a result
             raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
+        except (KeyboardInterrupt, interrupts.Terminated) as exc:
+            done = len(results.read_jsonl(path / results.METRICS_FILE))
+            raise RunInterrupted(
+                f"interrupted by {interrupts.signal_name(exc)} after {done} of {cfg.run.epochs} epochs; "
+                f"relaunch the same command to resume from the last checkpoint: {path}",
+                interrupts.exit_code(exc),
+            ) from None
     return path
 
 
@@ -215,14 +223,7 @@ def _train_locked(run: Run, path: Path) -> None:
     ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log)
     checkpoint_path = path / results.CHECKPOINT_FILE
     if checkpoint_path.is_file():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        engine.load_state_dict(ckpt["engine"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        method.load_state_dict(ckpt["method"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt["trainer"])
-        set_rng_state(ckpt["rng"])
+        state.update(checkpoint.load(checkpoint_path, run, scaler))
         results.truncate_jsonl(path / results.METRICS_FILE, "epoch", state["epoch"])
         results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"] - 1)  # logged during that step
         log(f"resuming {path} from epoch {state['epoch']}")
@@ -302,10 +303,7 @@ def _train_locked(run: Run, path: Path) -> None:
         if not show_bar and (epoch + 1) % max(1, o.epochs // 8) == 0 or epoch + 1 == o.epochs:
             log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
                 f"sparsity {record['actual_sparsity']:.4f}")
-        results.atomic_torch_save(checkpoint_path, {
-            "model": model.state_dict(), "engine": engine.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "method": method.state_dict(), "scaler": scaler.state_dict(), "trainer": dict(state), "rng": rng_state(),
-        })
+        checkpoint.save(checkpoint_path, run, scaler, state)
     bar.close()
     if live_log:
         live_log.close()
@@ -317,8 +315,11 @@ def _train_locked(run: Run, path: Path) -> None:
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
+    at_chance = final["test_acc"] <= final["chance_acc"] + CHANCE_MARGIN
     log(f"done: test_acc {final['test_acc']:.2f}  actual_sparsity {final['actual_sparsity']:.4f}  "
-        f"train FLOPs {final['train_flops_ratio']:.3f}x dense  ->  {path}")
+        f"train FLOPs {final['train_flops_ratio']:.3f}x dense  ->  {path}"
+        + (f"  [AT CHANCE LEVEL ({final['chance_acc']:.2f} %): the model learned nothing; check the data's "
+           "scaling and labels, the learning rate and the sparsity]" if at_chance else ""))
 
 
 def log_mask_update(path: Path, step: int, epoch: int, events: list[tuple[str, int, int]]) -> None:
@@ -331,10 +332,27 @@ def log_mask_update(path: Path, step: int, epoch: int, events: list[tuple[str, i
     results.append_jsonl(path / results.MASK_UPDATES_FILE, {"step": step, "epoch": epoch, "layers": layers})
 
 
+# A final accuracy within a point of chance means the run learned nothing (the report flags it too).
+CHANCE_MARGIN = 1.0
+
+
+def chance_accuracy(data: DatasetBundle) -> float:
+    """Test accuracy (%) of always predicting the most frequent test class: 100/C when balanced."""
+    labels = getattr(data.test, "labels", None)
+    if labels is None:
+        labels = getattr(data.test, "targets", None)
+    if labels is None or len(labels) == 0:
+        return 100.0 / data.num_classes
+    counts = torch.bincount(torch.as_tensor(labels), minlength=data.num_classes)
+    return 100.0 * counts.max().item() / len(labels)
+
+
 def _summary(run: Run, state: dict, status: str) -> dict:
     cfg = run.cfg
     return {
         "status": status,
+        "num_classes": run.data.num_classes, "chance_acc": chance_accuracy(run.data),
+        "input_normalization": run.data.normalization, "class_labels": run.data.class_labels,
         "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": cfg.run.sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
         "actual_sparsity": run.engine.actual_sparsity(),

@@ -15,7 +15,19 @@ from sparsebench import cli, results
 from sparsebench.config import RunOptions
 from sparsebench.methods import METHODS
 
-NASTY = st.sampled_from(["abc", "", "null", "-1", "1e9", "[1,2]", "{a: 1}", "true", "nan", "0"])
+NASTY = st.sampled_from([
+    "abc", "", "null", "-1", "1e9", "[1,2]", "{a: 1}", "true", "nan", "0",
+    "inf", "-inf", "1e400", "123456789012345678901234", "-99999999999999999999", "4294967296",
+])
+# Files that are not what a key expects: missing, empty, a directory, text, binary junk.
+_BAD_FILES = Path(tempfile.mkdtemp(prefix="sparsebench-bad-files-"))
+(_BAD_FILES / "empty").write_bytes(b"")
+(_BAD_FILES / "text.npz").write_text("x,y\n1,2\n")
+(_BAD_FILES / "junk.yaml").write_bytes(bytes(range(256)))
+(_BAD_FILES / "list.yaml").write_text("[1, 2, 3]\n")
+(_BAD_FILES / "folder").mkdir()
+BAD_FILE = st.sampled_from([str(_BAD_FILES / n) for n in ("missing", "empty", "text.npz", "junk.yaml", "list.yaml",
+                                                           "folder")])
 # Keys whose range is bounded here only to keep each example fast (a huge epoch count is valid).
 BOUNDED = {
     "epochs": st.sampled_from(["0", "-3", "1", "2", "abc", "1.5"]),
@@ -69,18 +81,35 @@ def overrides(draw):
     if draw(st.booleans()):
         chosen.append(f"method.{draw(st.sampled_from(['bogus', 'kapa', 'alpah']))}=1")
     chosen += draw(top_level_overrides())
+    if draw(st.integers(0, 3)) == 0:  # a deleted key: `~sparsity`, `~method.kappa`, ...
+        keys = [f.name for f in dataclasses.fields(RunOptions) if f.name != "results_root"]
+        chosen.append(f"~{draw(st.sampled_from(keys + ['optimizer.lr', 'method']))}")
+    file_case = draw(st.integers(0, 3))
+    if file_case == 1:
+        chosen += ["dataset=npz", f"dataset.path={draw(BAD_FILE)}"]
+    elif file_case == 2:
+        chosen += ["distribution=custom", f"distribution.file={draw(BAD_FILE)}"]
     return chosen
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(overrides())
 @example(["method=static", "epochs=1"])  # the completed branch is always exercised
 @example(["method=gap", "epochs=2", "method.kappa=2", "dry_run=true"])
+# Each class of issue #8 at least once, whatever the draws reach.
+@example(["method=static", "powerprop=nan", "epochs=1"])
+@example(["method=gmp", "sparsity=inf"])
+@example(["method=gap", "seed=123456789012345678901234"])
+@example(["method=static", "~sparsity"])
+@example(["method=static", "dataset=npz", f"dataset.path={_BAD_FILES / 'text.npz'}"])
+@example(["method=static", "distribution=custom", f"distribution.file={_BAD_FILES / 'junk.yaml'}"])
+@example(["method=static", "distribution=custom", f"distribution.file={_BAD_FILES / 'folder'}"])
 def test_random_overrides_complete_or_fail_in_one_line(drawn):
     root = Path(tempfile.mkdtemp())
     # Appended last so they win: tiny data keeps a completed example around a second.
-    args = ["train", *drawn, f"results_root={root}", "dataset.num_samples=200", "progress=none"]
+    tiny = [] if "dataset=npz" in drawn else ["dataset.num_samples=200"]
+    args = ["train", *drawn, f"results_root={root}", *tiny, "progress=none"]
     capture = _Capture()
     with capture:
         code = cli.main(args)

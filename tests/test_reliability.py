@@ -127,7 +127,7 @@ def test_unwritable_results_root_is_one_line(tmp_path, capsys):
     blocker.write_text("")
     code = cli.main(["train", "method=static", *TINY, f"results_root={blocker}/results"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "results_root: cannot write run directory" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "is not a writable directory" in err, err
 
 
 def test_full_disk_mid_run_is_one_line_and_no_result(tmp_path, capsys, monkeypatch):
