@@ -30,7 +30,7 @@ BAD_INPUTS = {
     "sparsity=1.5": "sparsity=1.5: expected a fraction of zeros in [0, 1)",
     "sparsity=-0.1": "sparsity=-0.1: expected a fraction of zeros in [0, 1)",
     "sparsity=1.0": "sparsity=1.0: expected a fraction of zeros in [0, 1)",
-    "sparsity=abc": "sparsity='abc': expected a number",
+    "sparsity=abc": "sparsity='abc': expected a finite number",
     "method=nonexistent": "Could not find 'method/nonexistent'",
     "model=nope": "Could not find 'model/nope'",
     "epochs=0": "epochs=0: expected a positive integer",
@@ -38,6 +38,35 @@ BAD_INPUTS = {
     "method.kapa=2": "unknown key 'method.kapa'",
     "optimizer.lr=-1": "optimizer.lr=-1.0: expected a positive learning rate",
     "distribution=global": "distribution=global picks layer densities from trained weights",
+    # Issue #8: optimizer ranges, seeds, deleted keys, NaN/inf anywhere a number is read.
+    "optimizer.weight_decay=-1": "optimizer.weight_decay=-1.0: expected a value >= 0",
+    "optimizer.momentum=-0.1": "optimizer.momentum=-0.1: expected a value in [0, 1)",
+    "optimizer.momentum=1": "optimizer.momentum=1.0: expected a value in [0, 1)",
+    "seed=4294967296": "seed=4294967296: expected an integer in [0, 4294967295]",
+    "seed=-1": "seed=-1: expected an integer in [0, 4294967295]",
+    "seed=123456789012345678901234": "seed=123456789012345678901234: expected an integer in [0, 4294967295]",
+    "~sparsity": "sparsity was removed from the config (~sparsity); it is required",
+    "~epochs": "epochs was removed from the config (~epochs); it is required",
+    "optimizer.lr=nan": "optimizer.lr=nan: expected a finite number",
+    "optimizer.lr=inf": "optimizer.lr=inf: expected a finite number",
+    "schedule.warmup_epochs=nan": "schedule.warmup_epochs=nan: expected a finite number",
+    "powerprop=nan": "powerprop=nan: expected a finite number",
+    "powerprop=inf": "powerprop=inf: expected a finite number",
+    "sparsity=nan": "sparsity=nan: expected a finite number",
+    "label_smoothing=-inf": "label_smoothing=-inf: expected a finite number",
+    "schedule.min_lr=1": "schedule.min_lr=1.0: expected a value in [0, optimizer.lr=0.1]",
+    "model.channels=nan": "model.channels=nan: expected a finite number",
+}
+MULTI_OVERRIDE_BAD_INPUTS = {
+    ("distribution=erk", "distribution.erk_power_scale=nan"): "distribution.erk_power_scale=nan: expected a finite",
+    ("distribution=erk", "distribution.erk_power_scale=-1"): "distribution.erk_power_scale=-1.0: expected a value >= 0",
+    ("schedule=multistep", "schedule.gamma=-1"): "schedule.gamma=-1.0: expected a decay factor in (0, 1]",
+    ("schedule=multistep", "schedule.gamma=0"): "schedule.gamma=0.0: expected a decay factor in (0, 1]",
+    ("schedule=multistep", "schedule.milestones=[5,3]"): "schedule.milestones=[5, 3]: expected increasing epoch",
+    ("optimizer=adam", "optimizer.beta1=1"): "optimizer.beta1=1.0: expected a value in [0, 1)",
+    ("optimizer=adamw", "optimizer.beta2=-0.5"): "optimizer.beta2=-0.5: expected a value in [0, 1)",
+    ("optimizer=adam", "optimizer.eps=0"): "optimizer.eps=0.0: expected a positive number",
+    ("optimizer.momentum=0", "optimizer.nesterov=true"): "optimizer.nesterov=true needs optimizer.momentum > 0",
 }
 
 
@@ -47,6 +76,15 @@ def test_bad_input_is_one_line_before_any_directory(override, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and BAD_INPUTS[override] in err, err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("overrides", list(MULTI_OVERRIDE_BAD_INPUTS))
+def test_bad_option_combinations_are_one_line_before_any_directory(overrides, tmp_path, capsys):
+    code = cli.main(["train", *overrides, f"results_root={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and MULTI_OVERRIDE_BAD_INPUTS[overrides] in err, err
     assert not any(tmp_path.iterdir())
 
 
@@ -103,7 +141,8 @@ def test_main_job_meets_the_readme_promise(tmp_path):
     assert not (run / "checkpoint.pt").exists()
     assert (run / "config.yaml").read_text().count("name: gap") == 1
     updates = results.read_jsonl(run / "mask_updates.jsonl")
-    assert [u["step"] for u in updates] == [0, 160, 320, 480, 640, 800, 960]  # one per GaP step
+    # One per GaP step after the first: partition 0 starts dense, so step 0 changes no mask.
+    assert [u["step"] for u in updates] == [160, 320, 480, 640, 800, 960]
     assert 0 < final["ece"] < 100 and 0.1 < final["itop_rate"] <= 1.0
 
 

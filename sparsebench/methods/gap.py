@@ -1,36 +1,70 @@
 """`gap`: scheduled Grow-and-Prune (Ma et al., ICLR 2022, arXiv 2106.09857; ALGORITHMS.md section 1).
 
-The prunable tensors are cut into `kappa` partitions. Training is split into kappa * rounds
-equal GaP steps and a final fine-tune:
+The prunable tensors are cut into `kappa` partitions. Training is a sequence of equal GaP steps
+(kappa * rounds of them, one more with `initial_step=true`) followed by a fine-tune:
 
-* cyclic (C-GaP, the repository's S-GaP): at each step one partition is grown fully dense
-  (grown weights restart from 0: they were held at 0) while the others keep fixed sparse masks;
-  at the next step it is pruned back to its target by per-tensor magnitude and the next
-  partition, in cyclic order, is grown.
+* cyclic (C-GaP, the repository's S-GaP): during GaP step j partition j mod kappa is fully dense
+  while the others keep fixed sparse masks; at the start of step j + 1 that partition is cut back
+  to its target by per-tensor magnitude and the next one is made dense. A partition made dense
+  during training regrows its masked entries from 0, where masking held them (under Powerprop
+  the engine draws them a fresh initial value instead, masked.py).
 * parallel (P-GaP): each round, kappa replicas start from the same sparse "combined" model,
-  replica i grows partition i and trains one step; then partition i is taken from replica i,
-  magnitude-pruned, and the pieces are assembled into the next combined model. With one device
-  the replicas run one after another, so a round costs kappa steps of compute (as on kappa
+  replica i grows partition i and trains one step; then partition i of replica i is magnitude
+  pruned and the pieces are assembled into the next combined model. With one device the
+  replicas run one after another, so a round costs kappa steps of compute (as on kappa
   machines) and kappa steps of wall time (unlike kappa machines).
 
-After the last step the remaining dense partition is pruned and the whole sparse network is
+Initial masks. `first_partition=dense` (what `auto` means for C-GaP) follows the official
+scripts: the first partition simply gets no mask, so it trains dense from its random
+initialisation, and the other partitions get exact-count random masks at their targets; the
+"grow" at step 0 then changes nothing. `first_partition=sparse` (earlier sparsebench behaviour)
+draws a random mask on every partition and grows the first one from zeros at step 0. P-GaP
+always starts from an all-sparse random combined model, as the official parallel script does.
+
+The official C-GaP run is one dense-first-partition step followed by `rounds` full cycles, i.e.
+1 + kappa * rounds steps, so the first partition is dense rounds + 1 times; `initial_step=true`
+reproduces that count (the cyclic order is unchanged: step j still grows partition j mod kappa).
+
+Combine (P-GaP). `combine=copy` (official) takes every parameter and buffer owned by partition i
+from replica i and everything owned by no partition from replica 0 (the official "replica 1");
+nothing is averaged. Ownership (`state_owners`) works on modules, the analogue of the official
+"layer" names. The first rule that applies decides:
+  1. with partitions by residual stage, every module under a stage's prefix belongs to that
+     stage's partition (whole blocks, norms included, as a Transformer layer is copied whole);
+  2. a module holding a prunable tensor of partition i (its weight, bias, Powerprop
+     parametrisation) belongs to partition i; a conv/linear kept dense belongs to none;
+  3. any other module (a norm, a module of buffers) belongs to the owner of the nearest conv or
+     linear layer before it in registration order, which models keep in forward order; before
+     the first such layer, or after a layer kept dense, it belongs to none.
+So a stem kept dense, its norm and a dense classifier come from replica 0. `combine=average`
+(earlier sparsebench behaviour) copies only the partitions' prunable weights from their
+replicas and averages every other floating-point parameter and buffer over the replicas.
+
+After the last GaP step the dense partition is pruned and the whole sparse network is
 fine-tuned with fixed masks. The official code restarts the optimizer (Adam moments) and the LR
 schedule at every step (`--restart-training`); `restart_each_step=true` does the same, the
 default keeps one LR schedule over the run (sparsebench choice for short CPU runs).
 
 Epoch budget: with E total epochs and fine-tune fraction F, each GaP step lasts
-(1 - F) E / (kappa * rounds) epochs, counted in optimizer steps, so GaP costs the same number of
-steps as any other method at the same `epochs`.
+(1 - F) E / n_steps epochs, counted in optimizer steps (n_steps = kappa * rounds, + 1 with
+`initial_step`), so GaP costs the same number of steps as any other method at the same
+`epochs`. The official budget is different: 10-epoch steps and 10 rounds, then a 40-epoch
+fine-tune, against a 40-epoch dense baseline. The presets cifar10_resnet32_gap,
+imagenet_resnet50_gap and imagenet_resnet50_pgap set it (CIFAR: epochs=350 with
+finetune_fraction=40/350 and initial_step=true, i.e. 31 steps of 10 epochs and 40 to fine-tune).
 """
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
+from sparsebench.sparse.masked import PRUNABLE_TYPES, MaskedModel
 
 
 class GaPVariant(enum.Enum):
@@ -45,6 +79,17 @@ class PartitionKind(enum.Enum):
     random = "random"  # ablation in the official code; its README recommends cyclic partitions
 
 
+class FirstPartition(enum.Enum):
+    auto = "auto"  # dense for cyclic, sparse for parallel: what each official script does
+    dense = "dense"  # no mask: trains dense from its random initialisation
+    sparse = "sparse"  # random mask like the others, grown from zeros at step 0
+
+
+class Combine(enum.Enum):
+    copy = "copy"  # every state entry from the replica of the partition owning it (official)
+    average = "average"  # partition weights from their replica, the rest averaged over replicas
+
+
 @dataclass
 class GaPOptions:
     variant: GaPVariant = GaPVariant.cyclic
@@ -53,6 +98,9 @@ class GaPOptions:
     finetune_fraction: float = 0.25
     partition: PartitionKind = PartitionKind.auto
     restart_each_step: bool = False
+    first_partition: FirstPartition = FirstPartition.auto
+    initial_step: bool = False  # C-GaP: 1 + kappa*rounds steps, as the official scripts run
+    combine: Combine = Combine.copy  # P-GaP only
 
 
 def contiguous_partitions(names: list[str], sizes: dict[str, int], kappa: int) -> list[list[str]]:
@@ -86,6 +134,37 @@ def stage_partitions(names: list[str], stage_names: list[str]) -> list[list[str]
     return groups
 
 
+def state_owners(
+    model: nn.Module,
+    engine: MaskedModel,
+    partitions: list[list[str]],
+    stage_names: list[str] | None = None,
+) -> dict[str, int | None]:
+    """The partition owning each `model.state_dict()` key, or None when no partition owns it.
+
+    Per module, first match wins (module docstring): with `stage_names` (partitions by stage),
+    the stage whose prefix it lies under; the partition of its prunable tensor (None for a
+    conv/linear kept dense); else the owner of the nearest conv/linear registered before it.
+    Keys missing from the result (e.g. a module registered under two names) are shared.
+    """
+    partition_of_module = {
+        id(engine.tensors[name].module): i for i, part in enumerate(partitions) for name in part
+    }
+    owners: dict[str, int | None] = {}
+    current: int | None = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_TYPES):
+            current = partition_of_module.get(id(module))  # None: a layer kept dense
+        owner = current
+        for i, stage in enumerate(stage_names or ()):
+            if module_name == stage or module_name.startswith(stage + "."):
+                owner = i
+        entries = itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))
+        for local, _ in entries:
+            owners[f"{module_name}.{local}" if module_name else local] = owner
+    return owners
+
+
 @METHODS.register("gap")
 class GaP(SparsityMethod):
     Options = GaPOptions
@@ -94,6 +173,7 @@ class GaP(SparsityMethod):
     def validate(self) -> None:
         o = self.options
         names = self.engine.names
+        parallel = o.variant is GaPVariant.parallel
         if o.kappa < 1:
             raise UserError(f"method.kappa={o.kappa}: expected a positive number of partitions")
         if o.kappa > len(names):
@@ -105,15 +185,32 @@ class GaP(SparsityMethod):
             raise UserError(f"method.rounds={o.rounds}: expected a positive number of rounds")
         if not 0.0 <= o.finetune_fraction < 1.0:
             raise UserError(f"method.finetune_fraction={o.finetune_fraction}: expected a fraction in [0, 1)")
+        if parallel and o.first_partition is FirstPartition.dense:
+            raise UserError(
+                "method.first_partition=dense is for variant=cyclic; P-GaP starts every partition sparse "
+                "(use first_partition=auto)"
+            )
+        if parallel and o.initial_step:
+            raise UserError("method.initial_step=true is for variant=cyclic; P-GaP runs kappa*rounds replica steps")
+        if not parallel and o.combine is not Combine.copy:
+            raise UserError(f"method.combine={o.combine.value} is for variant=parallel; C-GaP combines no replicas")
+        self.n_steps = o.kappa * o.rounds + (1 if o.initial_step else 0)
         self.finetune_start = self.total_steps - round(o.finetune_fraction * self.total_steps)
-        self.step_length = self.finetune_start // (o.kappa * o.rounds)
+        self.step_length = self.finetune_start // self.n_steps
         if self.step_length < 1:
             raise UserError(
-                f"too few training steps ({self.total_steps}) for kappa*rounds={o.kappa * o.rounds} GaP steps; "
+                f"too few training steps ({self.total_steps}) for {self.n_steps} GaP steps; "
                 "raise epochs or lower method.rounds"
             )
-        self.finetune_start = self.step_length * o.kappa * o.rounds  # remainder goes to fine-tune
+        self.finetune_start = self.step_length * self.n_steps  # remainder goes to fine-tune
         self.partitions = self._make_partitions()
+
+    @property
+    def dense_first_partition(self) -> bool:
+        choice = self.options.first_partition
+        if choice is FirstPartition.auto:
+            return self.options.variant is GaPVariant.cyclic
+        return choice is FirstPartition.dense
 
     def _make_partitions(self) -> list[list[str]]:
         o, names = self.options, self.engine.names
@@ -122,6 +219,7 @@ class GaP(SparsityMethod):
         if kind is PartitionKind.auto:
             use_stages = stage_names is not None and len(stage_names) == o.kappa
             kind = PartitionKind.stages if use_stages else PartitionKind.contiguous
+        self.stage_names = None  # set when the partitions are the model's residual stages
         if kind is PartitionKind.stages:
             if stage_names is None or len(stage_names) != o.kappa:
                 found = "none" if stage_names is None else len(stage_names)
@@ -131,6 +229,7 @@ class GaP(SparsityMethod):
             groups = stage_partitions(names, stage_names)
             if any(not g for g in groups):
                 raise UserError("method.partition=stages: a stage has no prunable tensor; use partition=contiguous")
+            self.stage_names = list(stage_names)
             return groups
         if kind is PartitionKind.random:
             order = torch.randperm(len(names), generator=self.generator).tolist()
@@ -140,7 +239,7 @@ class GaP(SparsityMethod):
 
     # ------------------------------------------------------------ schedule
     def step_index(self, step: int) -> int | None:
-        """Which GaP step starts at `step` (None if no boundary; kappa*rounds = fine-tune)."""
+        """Which GaP step starts at `step` (None if no boundary; n_steps = fine-tune)."""
         if step % self.step_length or step > self.finetune_start:
             return None
         return step // self.step_length
@@ -157,9 +256,21 @@ class GaP(SparsityMethod):
             f"{variant}: kappa={kappa} partitions of {sizes} weights, {self.options.rounds} rounds, "
             f"{self.step_length} steps per GaP step, fine-tune from step {self.finetune_start}"
         )
+        if self.options.initial_step:
+            ctx.log(f"{variant}: one initial step before the rounds, {self.n_steps} GaP steps in all")
         if self.options.variant is GaPVariant.parallel:
             ctx.log(f"P-GaP: one device, so the {kappa} replicas of each round run one after another")
-        self.random_start(ctx)
+        if not self.dense_first_partition:
+            self.random_start(ctx)
+            return
+        ctx.log(f"{variant}: partition 0 starts dense at its initial weights, the others at random masks")
+        # A fresh engine has all-ones masks, so this grows nothing and keeps the initial values.
+        self.engine.grow_dense(self.partitions[0], ctx.optimizer)
+        first = set(self.partitions[0])
+        densities = self.engine.round_densities(
+            {n: self.target.densities[n] for n in self.engine.names if n not in first}
+        )
+        self.engine.set_masks(self.engine.random_masks(densities, self.generator), densities, ctx.optimizer)
 
     def before_step(self, ctx: StepContext) -> None:
         index = self.step_index(ctx.step)
@@ -171,7 +282,7 @@ class GaP(SparsityMethod):
             self._parallel_boundary(index, ctx)
         if self.options.restart_each_step:
             ctx.reset_optimizer()
-            is_finetune = index == self.options.kappa * self.options.rounds
+            is_finetune = index == self.n_steps
             ctx.restart_lr(self.total_steps - ctx.step if is_finetune else self.step_length)
 
     # ------------------------------------------------------------ C-GaP
@@ -179,7 +290,7 @@ class GaP(SparsityMethod):
         kappa = self.options.kappa
         if index > 0:  # prune the partition that was dense during the previous step
             self._prune_to_target(self.partitions[(index - 1) % kappa], ctx.optimizer)
-        if index < kappa * self.options.rounds:
+        if index < self.n_steps:  # at index 0 a dense first partition is already dense: no-op
             self.engine.grow_dense(self.partitions[index % kappa], ctx.optimizer)
 
     # ------------------------------------------------------------ P-GaP
@@ -188,9 +299,9 @@ class GaP(SparsityMethod):
         replica = index % kappa
         if index > 0:
             self._finish_replica((index - 1) % kappa, ctx)
-        if index > 0 and replica == 0:  # a round ended (kappa*rounds is a multiple of kappa)
+        if index > 0 and replica == 0:  # a round ended (n_steps is a multiple of kappa)
             self._assemble()
-        if index == kappa * self.options.rounds:
+        if index == self.n_steps:
             ctx.reset_optimizer()
             return
         if replica == 0:  # a new round: every replica starts from this combined model
@@ -218,22 +329,38 @@ class GaP(SparsityMethod):
         self._prune_to_target(self.partitions[replica], ctx.optimizer)
         self.pieces.append(self._snapshot())
 
+    def state_owners(self) -> dict[str, int | None]:
+        """Partition owning each model state key under `combine=copy` (module docstring rules)."""
+        return state_owners(self.engine.model, self.engine, self.partitions, self.stage_names)
+
+    def _weight_owners(self) -> dict[str, int]:
+        """State key of each partition's prunable parameter (a Powerprop `...original` too)."""
+        key_of = {id(p): k for k, p in self.engine.model.named_parameters()}
+        return {
+            key_of[id(self.engine.tensors[name].param)]: i
+            for i, part in enumerate(self.partitions) for name in part
+        }
+
     @torch.no_grad()
     def _assemble(self) -> None:
-        """Partition i from replica i; every other parameter and buffer averaged over replicas.
-
-        The paper specifies only the partitions; averaging the shared dense layers, biases and
-        norm statistics (as data-parallel training would) is a sparsebench choice.
-        """
+        """Build the next combined model from the round's replicas (`combine`: copy or average)."""
+        models = [p["model"] for p in self.pieces]
         state = {}
+        if self.options.combine is Combine.copy:
+            owners = self.state_owners()
+            for key in models[0]:
+                owner = owners.get(key)
+                state[key] = models[0 if owner is None else owner][key]
+        else:
+            owners = self._weight_owners()
+            for key, value in models[0].items():
+                if key in owners:
+                    state[key] = models[owners[key]][key]
+                elif value.is_floating_point():
+                    state[key] = torch.stack([m[key] for m in models]).mean(0)
+                else:  # integer buffers such as BatchNorm's num_batches_tracked
+                    state[key] = models[-1][key]
         owner = {name: i for i, part in enumerate(self.partitions) for name in part}
-        for key, value in self.pieces[0]["model"].items():
-            if key in owner:
-                state[key] = self.pieces[owner[key]]["model"][key]
-            elif value.is_floating_point():
-                state[key] = torch.stack([p["model"][key] for p in self.pieces]).mean(0)
-            else:  # integer buffers such as BatchNorm's num_batches_tracked
-                state[key] = self.pieces[-1]["model"][key]
         engine_state = {
             "masks": {n: self.pieces[owner[n]]["engine"]["masks"][n] for n in self.engine.names},
             "densities": {n: self.pieces[owner[n]]["engine"]["densities"][n] for n in self.engine.names},
@@ -247,7 +374,7 @@ class GaP(SparsityMethod):
 
     def densities_at(self, step: int) -> dict[str, float]:
         densities = dict(self.target.densities)
-        if step < self.finetune_start:  # both variants: one partition dense at a time
+        if step < self.finetune_start:  # both variants, both starts: one partition dense at a time
             for name in self.partitions[(step // self.step_length) % self.options.kappa]:
                 densities[name] = 1.0
         return densities
