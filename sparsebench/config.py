@@ -20,6 +20,7 @@ from typing import Any
 from sparsebench.errors import UserError
 from sparsebench.live_log import require_tensorboard
 from sparsebench.sparse.allocation import ALLOCATIONS
+from sparsebench.sparse.initialisation import SparseInit
 from sparsebench.sparse.structure import SparsityStructure, StructureKind
 
 
@@ -140,6 +141,7 @@ class RunOptions:
     powerprop: float = 1.0  # Powerpropagation alpha for the prunable weights; 1 = off
     dry_run: bool = False
     tensorboard: bool = False  # live scalars in <run dir>/tensorboard (needs the tensorboard extra)
+    sparse_init: SparseInit = SparseInit.none  # rescale sparse layers' initial weights (sparse/initialisation.py)
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 

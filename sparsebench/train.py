@@ -32,6 +32,7 @@ from sparsebench.models import create_model
 from sparsebench.schedules import lr_at
 from sparsebench.sparse.allocation import layer_densities
 from sparsebench.sparse.flops import FlopCounter, layer_forward_flops
+from sparsebench.sparse.initialisation import rescale_for_sparsity
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import apply_powerprop, export_state_dict
 
@@ -231,6 +232,7 @@ def _train_locked(run: Run, path: Path) -> None:
         (path / results.METRICS_FILE).unlink(missing_ok=True)
         (path / results.MASK_UPDATES_FILE).unlink(missing_ok=True)
         method.start(ctx)
+        rescale_for_sparsity(engine, o.sparse_init)
         engine.start_exploration_count()
         engine.pop_mask_events()  # the initial masks are not an update
     masks_at_last_eval = engine.masks()
