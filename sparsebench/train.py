@@ -353,7 +353,8 @@ def _summary(run: Run, state: dict, status: str) -> dict:
     cfg = run.cfg
     return {
         "status": status,
-        "num_classes": run.data.num_classes, "chance_acc": chance_accuracy(run.data),
+        "input_shape": list(run.data.input_shape), "num_classes": run.data.num_classes,
+        "chance_acc": chance_accuracy(run.data),
         "input_normalization": run.data.normalization, "class_labels": run.data.class_labels,
         "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": cfg.run.sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
