@@ -7,7 +7,7 @@ from torch import nn
 
 from sparsebench.errors import UserError
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
-from sparsebench.methods.acdc import COMPRESSED, DECOMPRESSED, phase_boundaries
+from sparsebench.methods.acdc import COMPRESSED, DECOMPRESSED, ResetMomentum, phase_boundaries
 from sparsebench.schedules import cubic_sparsity
 from sparsebench.sparse.masked import MaskedModel, target_nnz
 
@@ -33,8 +33,9 @@ class Loop:
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=lr) if optimizer == "adam"
                           else torch.optim.SGD(params, lr=lr, momentum=momentum))
-        self.ctx = StepContext(0, total_steps, 10, self.optimizer, self.optimizer.state.clear, lambda n: None,
-                               lambda m: None)
+        # Looked up at call time: load_state_dict replaces the optimizer's state dict.
+        self.ctx = StepContext(0, total_steps, 10, self.optimizer, lambda: self.optimizer.state.clear(),
+                               lambda n: None, lambda m: None)
         gen = torch.Generator().manual_seed(2)
         first = next(m for m in self.model.modules() if isinstance(m, nn.Linear))
         self.x = torch.randn(16, first.in_features, generator=gen)
@@ -112,9 +113,10 @@ def test_acdc_switches_phase_exactly_at_the_boundaries():
     assert loop.method.dense_weight_grad(10) is False
 
 
+@pytest.mark.parametrize("reset", [ResetMomentum.restored, True])  # true: the earlier boolean spelling
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_acdc_restores_pruned_weights_as_zeros_with_zero_optimizer_state(optimizer):
-    loop = Loop("acdc", 0.8, optimizer=optimizer, lr=0.01)
+def test_acdc_restores_pruned_weights_as_zeros_with_zero_optimizer_state(optimizer, reset):
+    loop = Loop("acdc", 0.8, {"reset_momentum": reset}, optimizer=optimizer, lr=0.01)
     restores = [s for s, k in loop.method.boundaries if k == DECOMPRESSED]
     before, checked = {}, []
 
@@ -143,8 +145,9 @@ def test_acdc_restores_pruned_weights_as_zeros_with_zero_optimizer_state(optimiz
     assert checked == restores
 
 
-def test_acdc_without_momentum_reset_keeps_the_state():
-    loop = Loop("acdc", 0.8, {"reset_momentum": False})
+@pytest.mark.parametrize("reset", [ResetMomentum.none, False])
+def test_acdc_without_momentum_reset_keeps_the_state(reset):
+    loop = Loop("acdc", 0.8, {"reset_momentum": reset})
     restore = next(s for s, k in loop.method.boundaries if k == DECOMPRESSED)
     stale = {}
 
@@ -159,6 +162,25 @@ def test_acdc_without_momentum_reset_keeps_the_state():
                 assert torch.equal(loop.optimizer.state[t.param]["momentum_buffer"], stale[n])
 
     loop.run(stop=restore + 1, pre=pre, mid=mid)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_acdc_default_clears_every_parameters_state_when_a_compressed_phase_ends(optimizer):
+    # The official --reset_momentum_after_recycling: every parameter's momentum, biases included.
+    loop = Loop("acdc", 0.8, optimizer=optimizer, lr=0.01)
+    assert loop.method.reset_momentum is ResetMomentum.all
+    restores = [s for s, k in loop.method.boundaries if k == DECOMPRESSED]
+    prunes = [s for s, k in loop.method.boundaries if k == COMPRESSED]
+    seen = {}
+
+    def mid(step):
+        seen[step] = sum(1 for p in loop.model.parameters() if loop.optimizer.state.get(p))
+
+    loop.run(mid=mid)
+    n_params = len(list(loop.model.parameters()))
+    assert restores and all(seen[s] == 0 for s in restores)  # nothing left for any parameter
+    assert all(seen[s] == n_params for s in prunes)  # a prune keeps the state
+    assert all(seen[s + 1] == n_params for s in restores)  # the next step rebuilds it
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
@@ -220,9 +242,10 @@ def test_dpf_one_step_updates_the_dense_weights_with_the_gradient_at_the_masked_
     layer = nn.Linear(4, 3, bias=False)
     lr = 0.1
     # 10 steps: refresh at 0 (sparsity 0, nothing to do) and at end = 1 (the target 0.5).
-    loop = Loop("dpf", 0.5, {"begin": 0.0, "end": 0.1, "frequency": 1}, model=layer, total_steps=10,
+    # 20 steps: refreshes at 0 (sparsity 0, nothing to do), 1 (cubic: 0.4375) and end = 2 (0.5).
+    loop = Loop("dpf", 0.5, {"begin": 0.0, "end": 0.1, "frequency": 1}, model=layer, total_steps=20,
                 lr=lr, momentum=0.0, dense_ends=False)
-    assert loop.method.mask_gradients is False and loop.method.dense_weight_grad(5) is True
+    assert loop.method.mask_gradients_at(1) is False and loop.method.dense_weight_grad(1) is True
     loop.run(stop=1)  # one dense step
     t = loop.engine.tensors["weight"]
     assert t.mask.all()
@@ -232,9 +255,10 @@ def test_dpf_one_step_updates_the_dense_weights_with_the_gradient_at_the_masked_
     loop.run(start=1, stop=2, fresh=False,
              mid=lambda step: record.update(mask=t.mask.clone(), param=t.param.detach().clone()))
     mask = record["mask"]
-    # The mask keeps the 6 largest |dense| and the forward pass saw exactly mask * dense.
-    assert int(mask.sum()) == 6
-    assert torch.equal(mask, dense_old.abs() >= dense_old.abs().flatten().kthvalue(7).values)
+    # The mask keeps the 7 largest |dense| (12 - floor(0.4375 * 12)) and the forward pass saw
+    # exactly mask * dense.
+    assert int(mask.sum()) == 7
+    assert torch.equal(mask, dense_old.abs() >= dense_old.abs().flatten().kthvalue(6).values)
     assert torch.equal(record["param"], dense_old * mask)
     # Hand computation: gradient of the loss at the masked weights, applied to the dense weights.
     w = (dense_old * mask).requires_grad_()
@@ -290,9 +314,13 @@ def test_dpf_refreshes_every_frequency_steps_on_the_cubic_schedule():
 
     loop.engine.set_mask = spy
 
+    dense_at, params_at = {}, {}
+
     def mid(step):
         densities[step] = loop.engine.densities()
         masks[step] = loop.engine.masks()
+        dense_at[step] = {n: d.clone() for n, d in loop.method.dense.items()}
+        params_at[step] = {n: t.param.detach().clone() for n, t in loop.engine.tensors.items()}
 
     loop.run(mid=mid)
     # Step 6 is the schedule's start (sparsity 0): nothing to prune; every later refresh sets each mask.
@@ -308,11 +336,16 @@ def test_dpf_refreshes_every_frequency_steps_on_the_cubic_schedule():
         if step not in refresh:
             assert all(torch.equal(masks[step][n], masks[step - 1][n]) for n in masks[step]), step
     assert all(d == pytest.approx(0.1) for d in densities[59].values())
-    # The dense copy keeps training in the masked entries (feedback), the model holds m * w.
+    # Before `end` the dense copy keeps training in the masked entries (feedback) and the model
+    # holds m * w; from `end` (42) on the mask is fixed and the copies are no longer updated.
     for name, t in loop.engine.tensors.items():
-        dense = loop.method.dense[name]
-        assert torch.equal(t.param.detach(), dense * t.mask)
-        assert bool((dense[~t.mask] != 0).any())
+        dense, mask = dense_at[41][name], masks[41][name]
+        assert torch.equal(params_at[41][name], dense * mask)
+        assert bool((dense[~mask] != 0).any())
+        assert torch.equal(loop.method.dense[name], dense_at[42][name])
+        assert not torch.equal(t.param.detach(), dense_at[42][name] * t.mask)  # active weights trained on
+    assert [s for s in range(60) if loop.method.dense_weight_grad(s)] == list(range(42))
+    assert [s for s in range(60) if not loop.method.mask_gradients_at(s)] == list(range(42))
 
 
 def test_dpf_global_threshold_keeps_the_largest_dense_weights_overall():
@@ -367,3 +400,45 @@ def test_dpf_rejects_bad_options(options, message):
 def test_dpf_rejects_an_empty_pruning_window():
     with pytest.raises(UserError, match="pruning window is empty"):
         Loop("dpf", 0.9, {"begin": 0.0, "end": 0.1}, total_steps=4)
+
+
+def test_dpf_flops_after_end_are_the_masked_cost():
+    # Issue #9: DPF charged a dense weight gradient on every step, also after its mask is fixed.
+    from sparsebench.dry_run import planned_flops
+    from sparsebench.sparse.flops import FlopCounter
+
+    loop = Loop("dpf", 0.9, {"begin": 0.1, "end": 0.5, "frequency": 5})
+    counter = FlopCounter({n: 100 * (i + 1) for i, n in enumerate([*loop.engine.names, "dense.weight"])})
+    charged = {}
+
+    def pre(step):  # what the trainer charges for a step: the densities in force and the flag
+        if step > 0:
+            charged[step - 1] = counter.train_step(loop.engine.densities(), loop.method.dense_weight_grad(step - 1))
+
+    loop.run(pre=pre)
+    charged[59] = counter.train_step(loop.engine.densities(), loop.method.dense_weight_grad(59))
+    end = loop.method.end_step
+    assert end == 30
+    masked = counter.train_step(loop.target.densities)  # 3 f_S: forward, two backward passes, masked
+    assert all(charged[s] == pytest.approx(masked) for s in range(end, 60))
+    with_dense_grad = counter.train_step(loop.target.densities, dense_weight_grad=True)
+    assert with_dense_grad > masked and charged[end - 1] > masked  # the feedback phase pays f_D
+    assert planned_flops(loop.method, counter) == pytest.approx(sum(charged.values()))
+
+
+@pytest.mark.slow
+def test_dpf_real_run_charges_the_masked_cost_after_end(tmp_path):
+    # 500 samples: 400 train = 4 steps per epoch, 16 steps; end = 0.5 is step 8, the start of epoch 3.
+    from sparsebench import cli, results
+
+    common = ["train", "sparsity=0.8", "epochs=4", "dataset.num_samples=500", "progress=none",
+              f"results_root={tmp_path}"]
+    assert cli.main([*common, "method=dpf", "method.end=0.5", "method.frequency=2"]) == 0
+    assert cli.main([*common, "method=static"]) == 0
+    flops = {}
+    for run in (p.parent for p in tmp_path.rglob("final.json")):
+        metrics = results.read_jsonl(run / "metrics.jsonl")
+        flops[run.parts[-3]] = [r["train_flops"] for r in metrics]
+    after_end = {m: f[3] - f[1] for m, f in flops.items()}  # epochs 3 and 4
+    assert after_end["dpf"] == pytest.approx(after_end["static"], rel=1e-9)  # the same fixed-mask cost
+    assert flops["dpf"][1] > flops["static"][1]  # before `end` DPF pays the dense weight gradient

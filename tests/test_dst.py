@@ -8,7 +8,7 @@ from torch import nn
 
 from sparsebench.errors import UserError
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
-from sparsebench.methods.dst import DropSchedule
+from sparsebench.methods.dst import DropSchedule, Timing
 from sparsebench.methods.rigl import GrowScore
 from sparsebench.methods.set import SETProtocol, SETRegrowInit
 from sparsebench.schedules import cosine_drop_fraction
@@ -118,6 +118,69 @@ def test_method_schedule_and_update_steps():
     set_rigl = make("set", engine, {"protocol": SETProtocol.rigl, "delta_t": 5}, total_steps=60)
     assert set_rigl.mask_update_steps() == list(range(5, 45, 5))
     assert set_rigl.schedule_value(20)[1] == pytest.approx(cosine_drop_fraction(20, 0.3, 45))
+
+
+def test_rigl_reference_timing_updates_from_step_0_through_t_end():
+    layer, engine = hand_layer(torch.ones(4, 5), torch.ones(4, 5, dtype=torch.bool), 1.0)
+    ref = make("rigl", engine, {"delta_t": 100, "end": 0.75, "timing": Timing.reference}, total_steps=1000)
+    assert ref.mask_update_steps() == [0, 100, 200, 300, 400, 500, 600, 700]  # 0 <= t <= T_end = 750
+    assert ref.schedule_value(0) == ("drop_fraction", pytest.approx(0.3))  # the random mask is updated at once
+    assert [ref.skips_optimizer_step(s) for s in (0, 1, 100, 150, 700, 750)] == [True, False, True, False, True, False]
+    assert [ref.dense_weight_grad(s) for s in (0, 1, 100)] == [True, False, True]
+    on_t_end = make("rigl", engine, {"delta_t": 250, "end": 0.75, "timing": Timing.reference}, total_steps=1000)
+    assert on_t_end.mask_update_steps() == [0, 250, 500, 750]  # a round at T_end, as the reference's <=
+    assert on_t_end.schedule_value(750) == ("drop_fraction", pytest.approx(0.0, abs=1e-12))  # cosine: drops nothing
+    const = make("rigl", engine, {"delta_t": 250, "end": 0.75, "timing": Timing.reference,
+                                  "drop_schedule": DropSchedule.constant}, total_steps=1000)
+    assert const.schedule_value(750) == ("drop_fraction", 0.3) and const.schedule_value(751) == ("drop_fraction", 0.0)
+    default = make("rigl", engine, {"delta_t": 100}, total_steps=1000)
+    assert default.timing is Timing.sparsebench and not any(default.skips_optimizer_step(s) for s in range(1000))
+
+
+@pytest.mark.parametrize("timing", [Timing.sparsebench, Timing.reference])
+def test_rigl_reference_timing_replaces_the_optimizer_step_of_update_steps(timing):
+    loop = Loop("rigl", 0.8, {"delta_t": 5, "timing": timing}, total_steps=20)
+    updates = loop.method.mask_update_steps()
+    assert updates == ([0, 5, 10, 15] if timing is Timing.reference else [5, 10])  # T_end = 15
+    before, changed = {}, {}
+
+    def snapshot(step):
+        before[step] = ({n: t.param.detach().clone() for n, t in loop.engine.tensors.items()},
+                        {n: t.mask.clone() for n, t in loop.engine.tensors.items()},
+                        {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                         for p, s in loop.optimizer.state.items()})
+
+    def compare(step):
+        params, masks, state = before[step]
+        # Weights kept through the round (active before and after, not regrown) and their momentum.
+        kept_moved = any(bool((t.param.detach()[masks[n] & t.mask] != params[n][masks[n] & t.mask]).any())
+                         for n, t in loop.engine.tensors.items())
+        # Optimizer state of the parameters the mask update does not touch (biases, dense layers).
+        untouched = [p for p in loop.model.parameters() if not any(p is t.param for t in loop.engine.tensors.values())]
+        state_moved = any(
+            set(loop.optimizer.state.get(p, {})) != set(state.get(id(p), {}))
+            or any(torch.is_tensor(v) and not torch.equal(v, state[id(p)][k]) for k, v in loop.optimizer.state[p].items())
+            for p in untouched
+        )
+        changed[step] = (kept_moved, state_moved)
+
+    loop.run(after_before_step=snapshot, after_step=compare)
+    for step in range(20):
+        skipped = timing is Timing.reference and step in updates
+        # A skipped step moves no weight and no optimizer state (biases, dense layers included).
+        assert changed[step] == (not skipped, not skipped), step
+
+
+def test_set_reset_optimizer_each_epoch_clears_the_state_at_every_epoch_boundary():
+    resets = []
+    loop = Loop("set", 0.8, {"reset_optimizer_each_epoch": True}, total_steps=40, steps_per_epoch=10)
+    loop.ctx.reset_optimizer = lambda: (resets.append(loop.ctx.step), loop.optimizer.state.clear())
+    loop.run()
+    assert resets == [10, 20, 30]  # the first step of every epoch but the first, as a fresh Keras optimizer
+    plain = Loop("set", 0.8, {}, total_steps=40, steps_per_epoch=10)
+    plain.ctx.reset_optimizer = lambda: resets.append(("plain", plain.ctx.step))
+    plain.run()
+    assert resets == [10, 20, 30]
 
 
 @pytest.mark.parametrize("method,options,message", [
@@ -456,3 +519,14 @@ def test_state_dict_round_trip_reproduces_the_next_update(method, options):
     for name in first.engine.names:
         assert torch.equal(first.engine.tensors[name].mask, second.engine.tensors[name].mask), name
         assert torch.equal(first.engine.tensors[name].param, second.engine.tensors[name].param), name
+
+
+def test_rigl_cifar_preset_sets_the_reference_t_end():
+    # google-research/rigl CIFAR-10: mask updates end at step 75 000 of 97 656 (issue #9 section 4).
+    from sparsebench import cli
+
+    for method in ("rigl", "set"):
+        cfg = cli.resolve(cli.compose_config(["experiment=cifar10_wrn22_2_rigl", f"method={method}"]))
+        assert cfg["method"]["end"] == pytest.approx(75_000 / 97_656, abs=5e-4)
+    assert "end" not in cli.resolve(cli.compose_config(["experiment=cifar10_wrn22_2_rigl", "method=static"]))["method"]
+    assert cli.resolve(cli.compose_config(["method=rigl"]))["method"]["end"] == 0.75  # the default elsewhere

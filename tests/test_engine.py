@@ -65,6 +65,41 @@ def sgd_like_step(engine, optimizer, model, x, y):
     engine.apply_masks()
 
 
+def test_finish_step_asks_the_method_each_step_whether_to_mask_gradients_and_step():
+    from sparsebench.methods import SparsityTarget, StepContext, finish_step
+    from sparsebench.methods.base import SparsityMethod
+
+    class Scripted(SparsityMethod):  # masks gradients on even steps, skips the optimizer on step 3
+        def mask_gradients_at(self, step):
+            return step % 2 == 0
+
+        def skips_optimizer_step(self, step):
+            return step == 3
+
+    model = tiny_mlp()
+    engine = MaskedModel(model)
+    densities = {n: 0.5 for n in engine.names}
+    method = Scripted(None, engine, SparsityTarget(0.5, "uniform", densities), 10, 10, torch.Generator())
+    engine.set_masks(engine.magnitude_masks(densities), densities)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(0, 10, 10, optimizer, lambda: None, lambda n: None, lambda m: None)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    masked_grads, moved = {}, {}
+    for step in range(5):
+        ctx.step = step
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        original = optimizer.step
+        optimizer.step = lambda: (masked_grads.__setitem__(step, all(
+            torch.all(t.param.grad[~t.mask] == 0) for t in engine.tensors.values())), original())
+        finish_step(method, engine, ctx, optimizer.step)
+        optimizer.step = original
+        moved[step] = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert masked_grads == {0: True, 1: False, 2: True, 4: True}  # step 3 never reached the optimizer
+    assert moved == {0: True, 1: True, 2: True, 3: False, 4: True}
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
 def test_masked_weights_stay_zero_and_frozen_under_any_optimizer(opt):
     model = tiny_mlp()

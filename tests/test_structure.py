@@ -288,7 +288,7 @@ def test_bad_structure_config_is_one_line(overrides, tmp_path, capsys):
 
 def test_ragged_tensor_is_one_line_naming_it(tmp_path, capsys):
     # cnn1d's sparse convs are (64, 64, 3): rows of 192 weights, not a multiple of m=5.
-    args = ["train", "method=static", "distribution.structure=nm", "distribution.n=4", "distribution.m=5",
+    args = ["train", "model=cnn1d", "method=static", "distribution.structure=nm", "distribution.n=4", "distribution.m=5",
             "sparsity=0.2", "dataset.num_samples=600", "progress=none", f"results_root={tmp_path}"]
     code = cli.main(args)
     err = capsys.readouterr().err.strip()
@@ -299,7 +299,7 @@ def test_ragged_tensor_is_one_line_naming_it(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ end to end
 def test_static_2_4_run_writes_a_2_4_model(tmp_path):
-    args = ["train", "method=static", "distribution.structure=nm", "sparsity=0.5", "epochs=1",
+    args = ["train", "model=cnn1d", "method=static", "distribution.structure=nm", "sparsity=0.5", "epochs=1",
             "dataset.num_samples=600", "progress=none", f"results_root={tmp_path}"]
     assert cli.main(args) == 0
     (model_file,) = tmp_path.rglob("model.pt")

@@ -3,9 +3,8 @@ ALGORITHMS.md section 5).
 
 A dense warm-up, then compressed phases (prune to the target by magnitude, train with that mask
 fixed: IHT-style) alternating with decompressed phases (every weight re-enabled; the pruned ones
-come back as exact zeros with their momentum / Adam moments reset, as `RestoreWeights` with
-`--reset_momentum_after_recycling` does in the official code), and a longer final compressed
-phase. The magnitude criterion follows the run's `distribution`: `global` puts one threshold over
+come back as exact zeros, as `RestoreWeights` does in the official code), and a longer final
+compressed phase. The magnitude criterion follows the run's `distribution`: `global` puts one threshold over
 all prunable tensors (the paper's "global" models), a layer-wise allocation prunes each tensor to
 its own density. Masks change only at phase boundaries.
 
@@ -26,11 +25,27 @@ remainder: it lasts P + ((F - W) mod 2P). Both official schedules come out exact
 * CIFAR-100 WRN-28-10, 200 epochs: warmup 0.05, phase 0.1, final_compressed 0.15
   -> prune at 10, 50, 90, 130, 170, restore at 30, 70, 110, 150.
 
+Optimizer state when a compressed phase ends (`reset_momentum`):
+
+* `all` (default): the whole optimizer state is cleared at the first step of every decompressed
+  phase, for every parameter (biases and norms included). This is the official code with
+  `--reset_momentum_after_recycling` (set in its run scripts): the flag zeroes the momentum
+  buffer of every parameter of its SGD before the first step after a recycle. With Adam/AdamW,
+  sparsebench clears all their state (a fresh optimizer, step count included).
+* `restored`: only the restored (previously pruned) entries get zero momentum / Adam moments
+  (earlier sparsebench behaviour; `true` is read as `restored`).
+* `none`: nothing is reset (`false` is read as `none`); restored entries keep the state they had
+  when pruned.
+
+Under `powerprop=alpha` restored weights cannot come back at v = 0, where they would never
+train: they come back at a fresh Powerprop initial value of v (sparse/powerprop.py).
+
 AC/DC yields a sparse-dense pair: the model of the last decompressed phase, taken at the moment
 it is pruned for the final compressed phase, is returned by `artifacts()` as `model_dense`.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +57,19 @@ from sparsebench.sparse.powerprop import export_state_dict
 COMPRESSED, DECOMPRESSED = "compressed", "decompressed"
 
 
+class ResetMomentum(enum.Enum):
+    all = "all"  # clear the whole optimizer state when a decompressed phase starts (official)
+    restored = "restored"  # zero the state of the restored entries only
+    none = "none"  # keep every state
+
+
 @dataclass
 class ACDCOptions:
     warmup: float = 0.1  # dense warm-up, fraction of training (ImageNet config: 10 of 100 epochs)
     phase: float = 0.05  # length of each compressed and decompressed phase (5 of 100 epochs)
     final_compressed: float = 0.15  # length of the final compressed phase (15 of 100 epochs)
-    reset_momentum: bool = True  # reset optimizer state of restored weights (--reset_momentum_after_recycling)
+    # Optimizer state reset when a compressed phase ends; true/false are read as restored/none.
+    reset_momentum: ResetMomentum | bool = ResetMomentum.all
 
 
 def phase_boundaries(total_steps: int, warmup: int, phase: int, final_start: int) -> list[tuple[int, str]]:
@@ -68,6 +90,10 @@ class ACDC(SparsityMethod):
 
     def validate(self) -> None:
         o, total = self.options, self.total_steps
+        reset = o.reset_momentum
+        if isinstance(reset, bool):  # the earlier boolean spelling
+            reset = ResetMomentum.restored if reset else ResetMomentum.none
+        self.reset_momentum: ResetMomentum = reset
         for key in ("warmup", "phase", "final_compressed"):
             value = getattr(o, key)
             low_ok = value >= 0.0 if key == "warmup" else value > 0.0
@@ -111,7 +137,8 @@ class ACDC(SparsityMethod):
         ctx.log(
             f"AC/DC: prune at epochs {[round(s / spe, 2) for s in prunes]}, "
             f"restore at epochs {[round(s / spe, 2) for s in restores]} "
-            f"(steps {prunes} / {restores}); final compressed phase from step {self.final_start}"
+            f"(steps {prunes} / {restores}); final compressed phase from step {self.final_start}; "
+            f"optimizer state reset at each restore: {self.reset_momentum.value}"
         )
 
     def before_step(self, ctx: StepContext) -> None:
@@ -125,8 +152,11 @@ class ACDC(SparsityMethod):
                 self.dense_model = {k: v.detach().clone() for k, v in exported.items()}
             self.magnitude_prune(ctx.optimizer)  # global or layer-wise, per the run's distribution
         elif kind == DECOMPRESSED:
-            # Pruned weights return as zeros; their optimizer state is reset (RestoreWeights).
-            self.engine.grow_dense(self.engine.names, ctx.optimizer if self.options.reset_momentum else None)
+            # Pruned weights return as zeros (RestoreWeights), or at a fresh initial v under Powerprop.
+            reset = self.reset_momentum
+            self.engine.grow_dense(self.engine.names, ctx.optimizer if reset is ResetMomentum.restored else None)
+            if reset is ResetMomentum.all:
+                ctx.reset_optimizer()  # every parameter's momentum, as --reset_momentum_after_recycling
 
     # ------------------------------------------------------------ artifacts and resume
     def artifacts(self) -> dict[str, dict]:

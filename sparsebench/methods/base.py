@@ -8,10 +8,14 @@ as a validated dataclass.
     trainer step t:  method.before_step(ctx)       # scheduled mask changes (GMP, GaP phases)
                      forward, loss, backward
                      method.after_backward(ctx)    # dense gradients are still in .grad here
-                     engine.mask_gradients()       # if method.mask_gradients
-                     optimizer.step()
+                     engine.mask_gradients()       # if method.mask_gradients_at(t)
+                     optimizer.step()              # unless method.skips_optimizer_step(t)
                      method.after_step(ctx)        # weights updated, masks not yet re-applied
                      engine.apply_masks()
+
+Under Powerprop the parameters are v, not the weights w = sign(v)|v|^alpha: a method that needs
+dL/dw (RigL's grow score, DPF's feedback) turns on `engine.capture_weight_grads` in
+`before_step` of the steps that need it and reads `engine.weight_grad(name)` (sparse/powerprop.py).
 
 For dry runs (`dry_run=true`) a method also describes its plan without training:
 `mask_update_steps()`, `schedule_value(step)` and `densities_at(step)`.
@@ -70,9 +74,10 @@ def finish_step(method: "SparsityMethod", engine: MaskedModel, ctx: StepContext,
     The trainer and the tests both call this, so the tests exercise the trainer's real order.
     """
     method.after_backward(ctx)  # dense gradients are still in .grad here
-    if method.mask_gradients:
+    if method.mask_gradients_at(ctx.step):
         engine.mask_gradients()
-    step_optimizer()
+    if not method.skips_optimizer_step(ctx.step):
+        step_optimizer()  # skipped: no weight, momentum or weight-decay update at all this step
     method.after_step(ctx)  # weights updated, masks not yet re-applied
     engine.apply_masks()
 
@@ -85,7 +90,7 @@ class SparsityMethod:
     # Methods that prune trained weights may resolve a `global` magnitude allocation; methods
     # that draw masks at initialisation need the densities up front.
     supports_global_allocation: ClassVar[bool] = False
-    mask_gradients: ClassVar[bool] = True
+    mask_gradients: ClassVar[bool] = True  # the default of `mask_gradients_at`
     # Methods whose every mask change goes through `random_start`, `magnitude_prune` (rounded
     # densities, structured top-k) or the structured drop-and-grow of dst.py keep N:M or block
     # structure (`distribution.structure`); the others are refused with a structured engine.
@@ -133,8 +138,20 @@ class SparsityMethod:
     def after_step(self, ctx: StepContext) -> None:
         """After optimizer.step(), before the engine re-applies the masks (DPF's dense shadow)."""
 
+    def mask_gradients_at(self, step: int) -> bool:
+        """Whether the engine masks the gradients of `step` before the optimizer step (so masked
+        weights get no update). False only while a method updates masked entries (DPF)."""
+        return self.mask_gradients
+
+    def skips_optimizer_step(self, step: int) -> bool:
+        """True where a mask update takes the place of this step's optimizer step (RigL with
+        `timing=reference`). The forward and backward still run: FLOPs are unchanged but for the
+        weight update itself, which the FLOP count leaves out anyway."""
+        return False
+
     def dense_weight_grad(self, step: int) -> bool:
-        """True where this step needs the dense weight gradient (FLOPs: 2 f_S + f_D)."""
+        """True where this step computes the gradient of every weight, masked ones included
+        (FLOPs: 2 f_S + f_D); False where only active weights need it (3 f_S)."""
         return False
 
     def artifacts(self) -> dict[str, dict]:

@@ -24,6 +24,17 @@ Every `frequency` steps (16, as the reproductions' `--prune-freq`) from `begin` 
 optimizer state kept (it is the dense weight's state). After `end` the mask is fixed and training
 goes on (fine-tuning the final sparse model; the paper needs no separate retraining).
 
+Once the last mask is installed (from step `end` on) the dense copies of pruned weights can never
+come back, so DPF stops feeding them back: from that step it trains like any fixed-mask method
+(gradients masked, `mask_gradients_at`), and its FLOPs are the masked cost 3 f_S per example.
+Before `end` every step needs the gradient of every weight, pruned ones included: 2 f_S + f_D
+(`dense_weight_grad`).
+
+Under `powerprop=alpha` the dense copies hold v (w = sign(v)|v|^alpha). The gradient at the
+pruned model w.r.t. a pruned v is 0 (it sits at v = 0), so the feedback for a pruned entry is
+taken through its dense value: alpha |v_dense|^(alpha-1) dL/dw, with dL/dw of the pruned model
+recorded by the engine (`MaskedModel.weight_grad`); active entries get their usual gradient.
+
 Threshold: follows the run's `distribution` (a sparsebench choice; the paper's is UNVERIFIED):
 `distribution=global` puts one magnitude threshold over all dense copies (as the Keras
 reimplementation's global quantile); a layer-wise allocation (uniform, ER, ERK, custom) keeps, in
@@ -53,7 +64,7 @@ class DPFOptions:
 class DPF(SparsityMethod):
     Options = DPFOptions
     supports_global_allocation = True
-    mask_gradients = False  # the gradient at the pruned model updates masked (dense) entries too
+    mask_gradients = False  # until `end`, the gradient at the pruned model updates masked (dense) entries too
 
     def validate(self) -> None:
         o = self.options
@@ -89,11 +100,24 @@ class DPF(SparsityMethod):
             f"{'global' if self.target.allocation == 'global' else 'layer-wise'} threshold"
         )
 
+    def feeds_back(self, step: int) -> bool:
+        """True while pruned weights are still updated (before `end`); afterwards the mask is fixed."""
+        return step < self.end_step
+
+    def mask_gradients_at(self, step: int) -> bool:
+        return not self.feeds_back(step)
+
     @torch.no_grad()
     def before_step(self, ctx: StepContext) -> None:
-        if ctx.step not in self._refresh:
+        self._refresh_mask(ctx.step)
+        # Powerprop: dL/dw of the pruned model, for the feedback of pruned entries (no-op otherwise).
+        pruned = any(t.density < 1.0 for t in self.engine.tensors.values())
+        self.engine.capture_weight_grads(self.feeds_back(ctx.step) and pruned and self.engine.powerprop)
+
+    def _refresh_mask(self, step: int) -> None:
+        if step not in self._refresh:
             return
-        sparsity = self.sparsity_at(ctx.step)
+        sparsity = self.sparsity_at(step)
         if sparsity <= 0.0:
             return  # nothing pruned yet: every mask is still all-ones
         scores = {n: w.abs() for n, w in self.dense.items()}
@@ -112,19 +136,32 @@ class DPF(SparsityMethod):
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
+        if not self.feeds_back(ctx.step):
+            return  # fixed mask: the trainer masks the gradients like any sparse method's
         # The gradient was taken at m * w; put w back in the masked entries so the optimizer
         # step updates the dense weights: w <- w - lr * grad f(m * w).
         for name, t in self.engine.tensors.items():
             if t.density < 1.0:
-                t.param.copy_(torch.where(t.mask, t.param, self.dense[name]))
+                dense = self.dense[name]
+                if t.powerprop is not None and t.param.grad is not None:
+                    grad_w = self.engine.weight_grad(name)
+                    if grad_w is not None:  # pruned v: the chain rule at its dense value
+                        feedback = self.engine.grad_from_weight_grad(name, dense, grad_w)
+                        t.param.grad.copy_(torch.where(t.mask, t.param.grad, feedback))
+                t.param.copy_(torch.where(t.mask, t.param, dense))
+        self.engine.capture_weight_grads(False)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
+        if not self.feeds_back(ctx.step):
+            return  # the dense copies of pruned weights are never read again
         for name, t in self.engine.tensors.items():
             self.dense[name].copy_(t.param)  # the engine re-zeroes masked entries right after
 
     def dense_weight_grad(self, step: int) -> bool:
-        return True  # the gradient of every weight is needed: 2 f_S + f_D per example
+        """Before `end` the gradient of every weight is used (2 f_S + f_D per example); from
+        `end` on only the active ones (3 f_S): the mask is fixed and pruned weights are not fed back."""
+        return self.feeds_back(step)
 
     # ------------------------------------------------------------ resume
     def state_dict(self) -> dict:

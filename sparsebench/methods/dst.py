@@ -5,7 +5,8 @@ number at positions that the drop did not keep, so its non-zero count never chan
 (ALGORITHMS.md sections 2 and 3). The pieces a method may change are hooks:
 
 * `update_steps()`: when rounds happen (default: every `delta_t` steps while t < T_end, with
-  T_end = `end` x training steps; the first round is at step delta_t, not at the random init);
+  T_end = `end` x training steps; the first round is at step delta_t, not at the random init;
+  RigL's `timing=reference` adds step 0, see "Timing" below);
 * `drop_fraction(step)`: f(t), cosine `alpha/2 (1 + cos(pi t / T_end))` (RigL's `cosine_decay`)
   or constant `alpha`, 0 from T_end on;
 * `select_drop(name, t, step)`: which active entries go (default: the k = floor(f(t) nnz)
@@ -15,14 +16,32 @@ number at positions that the drop did not keep, so its non-zero count never chan
   like any inactive one and, if regrown, keeps its value (the engine does that);
 * `regrow_init`: "zero" (RigL, RigL-protocol SET) or a callable for the engine.
 
-Timing. A method that reads the dense gradient (`needs_dense_grad`) copies |grad| in
+Timing. A method that reads the dense gradient (`needs_dense_grad`) copies |dL/dw| in
 `after_backward` of an update step (the trainer has not masked it yet) and changes the masks in
-`after_step`, after the optimizer step: grown weights then begin the next step at exactly 0 with
-reset optimizer state, as in the reference where the mask update takes the place of that step's
-weight update. A method that needs no gradient changes the masks in `before_step` of the update
-step (SET's original protocol: "at the first step of every epoch but the first"). Either way
-every mask change goes through `MaskedModel.set_mask`, which zeroes dropped entries, initialises
-grown ones, resets their momentum / Adam moments, and checks the exact count.
+`after_step`: grown weights then begin the next step at exactly 0 with reset optimizer state.
+Two timings (`timing`, RigL's option):
+
+* `sparsebench` (default): rounds at delta_t, 2 delta_t, ... < T_end; the update step also
+  applies its optimizer step (to the weights that survive the drop), then the mask changes.
+* `reference` (google-research/rigl `sparse_optimizers_base.py`): rounds at 0, delta_t, ...
+  <= T_end (the first one at step 0, on the random initial mask), and on a round step the mask
+  update takes the place of the optimizer step: no weight, momentum or weight-decay update
+  happens at that step (`skips_optimizer_step`). With the cosine schedule the round at T_end
+  drops nothing, but its optimizer step is still skipped, as in the reference.
+
+The two differ by one round at step 0 and by one skipped weight update in every delta_t steps
+before T_end (1 % of them at the paper's delta_t = 100).
+
+A method that needs no gradient changes the masks in `before_step` of the update step (SET's
+original protocol: "at the first step of every epoch but the first"). Either way every mask
+change goes through `MaskedModel.set_mask`, which zeroes dropped entries, initialises grown
+ones, resets their momentum / Adam moments, and checks the exact count.
+
+Powerpropagation (`powerprop=alpha`, sparse/powerprop.py). The parameters are v with
+w = sign(v)|v|^alpha. The drop by |v| is the drop by |w| (same order). The grow score reads
+dL/dw of the masked model (`MaskedModel.weight_grad`, recorded on update steps only), not
+dL/dv, which is 0 at every inactive entry. Entries grown at 0 would never train (v = 0 is
+absorbing), so the engine draws them a fresh initial v instead (`MaskedModel.set_mask`).
 
 Structured sparsity (`distribution.structure`, sparse/structure.py). N:M: the drop is the
 method's own (any active entries), and each group of M regrows as many entries as it lost, at
@@ -56,10 +75,16 @@ class DropSchedule(enum.Enum):
     constant = "constant"  # alpha until T_end: the RigL code's flag default
 
 
+class Timing(enum.Enum):
+    sparsebench = "sparsebench"  # rounds at delta_t, 2 delta_t, ... < T_end, after the optimizer step
+    reference = "reference"  # rounds at 0, delta_t, ... <= T_end, replacing that step's optimizer step
+
+
 class DynamicSparseMethod(SparsityMethod):
     """Drop-then-grow every update round; subclasses supply the grow score.
 
-    Subclass options must have `alpha`, `drop_schedule`, `delta_t` and `end`.
+    Subclass options must have `alpha`, `drop_schedule`, `delta_t` and `end`; `timing` is optional
+    (default `sparsebench`).
     """
 
     needs_dense_grad: ClassVar[bool] = False
@@ -76,16 +101,24 @@ class DynamicSparseMethod(SparsityMethod):
         if not 0.0 < o.end <= 1.0:
             raise UserError(f"method.end={o.end}: expected a fraction of training in (0, 1]")
         self.end_step = int(o.end * self.total_steps)  # T_end
+        self.timing = getattr(o, "timing", Timing.sparsebench)
         self.updates = self.update_steps()
         self._update_set = set(self.updates)
         self._dense_grads: dict[str, torch.Tensor] = {}
 
+    @property
+    def reference_timing(self) -> bool:
+        return self.timing is Timing.reference
+
     def update_steps(self) -> list[int]:
+        if self.reference_timing:  # the reference: t = k delta_t with 0 <= t <= T_end
+            last = min(self.end_step, self.total_steps - 1)
+            return list(range(0, last + 1, self.options.delta_t))
         return list(range(self.options.delta_t, self.end_step, self.options.delta_t))
 
     def drop_fraction(self, step: int) -> float:
         o = self.options
-        if step >= self.end_step:
+        if step > self.end_step or (step == self.end_step and not self.reference_timing):
             return 0.0
         if o.drop_schedule is DropSchedule.cosine:
             return cosine_drop_fraction(step, o.alpha, self.end_step)
@@ -103,6 +136,10 @@ class DynamicSparseMethod(SparsityMethod):
     def dense_weight_grad(self, step: int) -> bool:
         return self.needs_dense_grad and step in self._update_set
 
+    def skips_optimizer_step(self, step: int) -> bool:
+        """`timing=reference`: the mask update replaces the optimizer step of a round step."""
+        return self.reference_timing and self.needs_dense_grad and step in self._update_set
+
     def start(self, ctx: StepContext) -> None:
         self.random_start(ctx)
         if self.updates:
@@ -113,12 +150,17 @@ class DynamicSparseMethod(SparsityMethod):
 
     # ------------------------------------------------------------ hooks
     def before_step(self, ctx: StepContext) -> None:
-        if not self.needs_dense_grad and ctx.step in self._update_set:
+        if ctx.step not in self._update_set:
+            return
+        if self.needs_dense_grad:
+            self.engine.capture_weight_grads(True)  # dL/dw under Powerprop; a no-op otherwise
+        else:
             self.update_masks(ctx.step, ctx.optimizer)
 
     def after_backward(self, ctx: StepContext) -> None:
         if self.needs_dense_grad and ctx.step in self._update_set:
             self._dense_grads = self.read_dense_gradients()
+            self.engine.capture_weight_grads(False)
 
     def after_step(self, ctx: StepContext) -> None:
         if self.needs_dense_grad and ctx.step in self._update_set:
@@ -128,10 +170,11 @@ class DynamicSparseMethod(SparsityMethod):
     def read_dense_gradients(self) -> dict[str, torch.Tensor]:
         """|dL/d(M*W)| of the current mini-batch for every sparse tensor (a copy: the trainer
         masks .grad in place right after this hook). Masked weights are exactly 0, so the
-        gradient w.r.t. the parameter is the gradient w.r.t. M*W."""
+        gradient w.r.t. the weight is the gradient w.r.t. M*W; under Powerprop it is the
+        recorded dL/dw (`MaskedModel.weight_grad`), not the parameter's dL/dv."""
         out = {}
         for name, t in self.engine.tensors.items():
-            grad = t.param.grad
+            grad = self.engine.weight_grad(name)
             out[name] = torch.zeros_like(t.param) if grad is None else grad.detach().abs().clone()
         return out
 

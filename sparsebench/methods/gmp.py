@@ -3,7 +3,9 @@
 Every `frequency` steps between `begin` and `end` (fractions of training) the network is pruned
 by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (their eq. 1); pruned weights
 never come back. Defaults follow RigL's pruning baseline on CIFAR (begin 20k, end 75k of 97.6k
-steps, i.e. about 0.2 and 0.75 of training).
+steps, i.e. 0.205 and 0.768 of training, rounded here to 0.2 and 0.75; pass method.end=0.768 to
+match it exactly). Under `powerprop=alpha` nothing is regrown, so Powerprop only changes the
+weights' dynamics (the forward sign(v)|v|^alpha keeps masked entries' gradients finite).
 
 Structured sparsity (`distribution.structure`): every event prunes by magnitude within the
 structure (`magnitude_masks`). N:M: s_t is rounded down to a multiple of 1/M, so the events pass

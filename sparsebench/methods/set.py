@@ -27,6 +27,18 @@ New weights (`regrow_init`): `zero` (default; the RigL protocol and the Keras ma
 `normal` (N(0, init_std^2), std 0.1 in the sparse-Python original), or `keep` (the value the
 weight had when it was last dropped; 0 for a position that was never active). Their optimizer
 state is reset in every case.
+
+Optimizer state across epochs (`reset_optimizer_each_epoch`): the Keras original builds and
+compiles a fresh model and SGD optimizer for every epoch, so all momentum (of every parameter,
+biases included) is forgotten at each epoch boundary; `reset_optimizer_each_epoch=true` does the
+same (the whole optimizer state is cleared at the first step of every epoch but the first,
+after that step's mask change), with either protocol. The default, false, keeps one optimizer
+over the run, as the RigL code's SET baseline does; new weights' state is reset in both cases.
+
+Under `powerprop=alpha` the weights are w = sign(v)|v|^alpha: `normal` draws w ~ N(0, init_std^2)
+and stores the matching v; `keep` restores the dropped v (the same w); and a weight that would
+start at v = 0 (`zero`, or `keep` at a never-active position) starts at a fresh Powerprop
+initial value instead, since v = 0 never trains (sparse/powerprop.py).
 """
 from __future__ import annotations
 
@@ -38,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsebench.errors import UserError
-from sparsebench.methods.base import METHODS
+from sparsebench.methods.base import METHODS, StepContext
 from sparsebench.methods.dst import DropSchedule, DynamicSparseMethod
 from sparsebench.sparse.masked import PrunableTensor, RegrowInit, topk_mask
 from sparsebench.sparse.structure import StructureKind
@@ -65,6 +77,7 @@ class SETOptions:
     end: float = 0.75  # rigl protocol: fraction of training after which masks are fixed
     regrow_init: SETRegrowInit = SETRegrowInit.zero
     init_std: float = 0.1  # std of regrow_init=normal
+    reset_optimizer_each_epoch: bool = False  # true: a fresh optimizer every epoch (the Keras original)
 
 
 @METHODS.register("set")
@@ -91,6 +104,14 @@ class SET(DynamicSparseMethod):
         else:
             self.description = (f"RigL protocol: drop fraction {o.alpha} {o.drop_schedule.value} to "
                                 f"T_end={self.end_step}, drop smallest |W|, grow at random, {init}")
+        if o.reset_optimizer_each_epoch:
+            self.description += "; optimizer state reset every epoch"
+
+    def before_step(self, ctx: StepContext) -> None:
+        super().before_step(ctx)  # the mask change of an update step
+        spe = self.steps_per_epoch
+        if self.options.reset_optimizer_each_epoch and ctx.step > 0 and ctx.step % spe == 0:
+            ctx.reset_optimizer()  # the Keras original's fresh optimizer for the new epoch
 
     # ------------------------------------------------------------ schedule
     @property
@@ -125,14 +146,18 @@ class SET(DynamicSparseMethod):
     def regrow_init(self, name: str) -> RegrowInit:
         kind = self.options.regrow_init
         if kind is SETRegrowInit.normal:
-            return self._normal_init
+            return self._normal_init(name)
         if kind is SETRegrowInit.keep:
             return self._memory_init(name)
         return "zero"
 
-    def _normal_init(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        values = torch.randn(shape, generator=self.generator) * self.options.init_std
-        return values.to(device=device, dtype=dtype)
+    def _normal_init(self, name: str) -> Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]:
+        def init(shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+            weights = torch.randn(shape, generator=self.generator) * self.options.init_std
+            # N(0, init_std^2) is the distribution of the weights w; under Powerprop store its v.
+            return self.engine.param_value(name, weights).to(device=device, dtype=dtype)
+
+        return init
 
     def _memory_init(self, name: str) -> Callable[[torch.Size, torch.device, torch.dtype], torch.Tensor]:
         def init(shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,9 @@ change it guarantees (DESIGN.md, "the method interface"):
   step, `apply_masks` after it: weight decay or momentum cannot leak into masked entries);
 * regrown entries start at the value the method asks for (zero by default: RigL, GaP, AC/DC),
   and their optimizer state (SGD momentum, Adam/AdamW moments, any per-parameter tensor of the
-  weight's shape) is reset, for any torch optimizer;
+  weight's shape) is reset, for any torch optimizer. Under Powerpropagation no entry is regrown
+  at v = 0, where its gradient is 0 forever: a grown entry asked to start at 0 gets a fresh
+  initial value of v instead (powerprop.py explains why), for every method alike;
 * only conv and linear weights are prunable; biases, norms and embeddings never are, and the
   layers kept dense are named explicitly (`dense_first`, `dense_last`, `dense_patterns`);
 * every mask follows the engine's `structure` (structure.py: unstructured, N:M groups or square
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsebench.sparse.powerprop import trainable_weight
+from sparsebench.sparse.powerprop import PowerPropagation, powerprop_of, trainable_weight
 from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -63,6 +65,8 @@ class PrunableTensor:
     # The mask in the weight's dtype, for the per-step multiplications: multiplying by a bool
     # tensor converts it on every call (5x slower, measured in benchmarks/bench_masking.py).
     keep: torch.Tensor | None = None
+    # The Powerprop parametrisation w = sign(v)|v|^alpha when `param` is v; None otherwise.
+    powerprop: PowerPropagation | None = None
 
     def __post_init__(self) -> None:
         self.sync_keep()
@@ -117,7 +121,8 @@ class MaskedModel:
             weight = trainable_weight(module)  # v, not the computed w, under Powerprop
             structure.check(name, weight.shape)  # ValueError naming the tensor
             self.tensors[name] = PrunableTensor(
-                name, module, weight, torch.ones_like(weight, dtype=torch.bool), 1.0
+                name, module, weight, torch.ones_like(weight, dtype=torch.bool), 1.0,
+                powerprop=powerprop_of(module),
             )
         if not self.tensors:
             raise ValueError("every conv/linear layer is kept dense: nothing left to sparsify")
@@ -169,6 +174,43 @@ class MaskedModel:
         events, self.mask_events = self.mask_events, []
         return events
 
+    # ----------------------------------------------------------------- effective weights
+    @property
+    def powerprop(self) -> bool:
+        """True when the prunable tensors are Powerprop's v (the effective weight is sign(v)|v|^alpha)."""
+        return any(t.powerprop is not None for t in self.tensors.values())
+
+    def capture_weight_grads(self, enabled: bool) -> None:
+        """Record dL/dw of the next backward passes (see `weight_grad`); False stops and forgets.
+
+        Needed only under Powerprop, where the parameter's .grad is dL/dv; recording costs one
+        weight-sized tensor per layer, so methods turn it on only for the steps that read it."""
+        for t in self.tensors.values():
+            if t.powerprop is not None:
+                t.powerprop.capture = enabled
+                t.powerprop.weight_grad = None
+
+    def weight_grad(self, name: str) -> torch.Tensor | None:
+        """dL/dw of the last backward pass w.r.t. the effective weight of tensor `name` (the
+        masked model's weight: dL/d(M*W)). Without Powerprop this is the parameter's .grad; under
+        Powerprop the gradient recorded while `capture_weight_grads(True)` was on (None if off)."""
+        t = self.tensors[name]
+        if t.powerprop is None:
+            return t.param.grad
+        return t.powerprop.weight_grad
+
+    def param_value(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The parameter value whose effective weight is `weight` (v = sign(w)|w|^(1/alpha) under
+        Powerprop, `weight` itself otherwise): for methods that choose regrown weights."""
+        t = self.tensors[name]
+        return weight if t.powerprop is None else t.powerprop.right_inverse(weight)
+
+    def grad_from_weight_grad(self, name: str, param: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
+        """dL/dparam at parameter value `param` given dL/dw (DPF's feedback for pruned entries):
+        alpha |v|^(alpha-1) dL/dw under Powerprop, dL/dw otherwise."""
+        t = self.tensors[name]
+        return grad_w if t.powerprop is None else t.powerprop.grad_v(param, grad_w)
+
     # ----------------------------------------------------------------- hot path
     @torch.no_grad()
     def mask_gradients(self) -> None:
@@ -200,6 +242,8 @@ class MaskedModel:
         Dropped entries are zeroed. Grown entries (0 -> 1) are set by `regrow_init` and their
         optimizer state is reset. An entry dropped and regrown in the same call is unchanged
         and keeps its value (RigL: "a just-dropped connection that is regrown keeps its weight").
+        `regrow_init` gives parameter values (v under Powerprop; see `param_value`); under
+        Powerprop, grown entries it leaves at 0 get `PowerPropagation.draw_initial_v` instead.
         """
         t = self.tensors[name]
         new_mask = new_mask.to(dtype=torch.bool, device=t.mask.device)
@@ -223,6 +267,13 @@ class MaskedModel:
                 t.param[grown] = regrow_init(t.param.shape, t.param.device, t.param.dtype)[grown]
             else:
                 raise ValueError(f"unknown regrow_init {regrow_init!r}")
+            if t.powerprop is not None:
+                # v = 0 is absorbing under Powerprop (zero gradient for alpha > 1): a grown entry
+                # asked to start there is drawn afresh from the initial distribution instead.
+                dead = grown & (t.param == 0)
+                if bool(dead.any()):
+                    fresh = t.powerprop.draw_initial_v(t.param.shape, t.param.device, t.param.dtype)
+                    t.param[dead] = fresh[dead]
             if optimizer is not None:
                 reset_optimizer_state(optimizer, t.param, grown)
         t.mask.copy_(new_mask)
@@ -282,7 +333,8 @@ class MaskedModel:
     def grow_dense(
         self, names: Iterable[str], optimizer: torch.optim.Optimizer | None = None
     ) -> dict[str, tuple[int, int]]:
-        """Make tensors fully dense; regrown entries start at zero (GaP, AC/DC decompression)."""
+        """Make tensors fully dense; regrown entries start at zero (GaP, AC/DC decompression), or
+        at a fresh initial value under Powerprop (`set_mask`)."""
         return {
             n: self.set_mask(n, torch.ones_like(self.tensors[n].mask), 1.0, optimizer)
             for n in names
