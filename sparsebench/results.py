@@ -1,6 +1,6 @@
 """Run directories and the files in them: atomic writes, tolerant reads, one process per run.
 
-Layout (DESIGN.md contract): results_root/exp/<dataset>/<model>/<method>/sparsity=<s>/seed=<k>-<hash>/
+Layout (docs/design.md contract): results_root/exp/<dataset>/<model>/<method>/sparsity=<s>/seed=<k>-<hash>/
 holding config.yaml, metrics.jsonl, mask_updates.jsonl, checkpoint.pt (while running), model.pt
 and final.json.
 The hash covers the whole resolved config except keys that do not change the result (where

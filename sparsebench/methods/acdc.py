@@ -1,5 +1,5 @@
 """`acdc`: Alternating Compressed/DeCompressed training (Peste et al., NeurIPS 2021, arXiv 2106.12379;
-ALGORITHMS.md section 5).
+docs/methods.md, AC/DC).
 
 A dense warm-up, then compressed phases (prune to the target by magnitude, train with that mask
 fixed: IHT-style) alternating with decompressed phases (every weight re-enabled; the pruned ones

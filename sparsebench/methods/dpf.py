@@ -1,5 +1,5 @@
 """`dpf`: Dynamic Model Pruning with Feedback (Lin et al., ICLR 2020, arXiv 2006.07253;
-ALGORITHMS.md section 6).
+docs/methods.md, DPF).
 
 The method keeps a dense copy w_t of every prunable weight. The model always holds the pruned
 weights m_t * w_t during forward and backward (so the engine's "masked entries are zero" holds

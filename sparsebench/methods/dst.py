@@ -2,7 +2,7 @@
 
 Every update round, each sparse tensor drops some of its active weights and grows the same
 number at positions that the drop did not keep, so its non-zero count never changes
-(ALGORITHMS.md sections 2 and 3). The pieces a method may change are hooks:
+(docs/methods.md (RigL, SET)). The pieces a method may change are hooks:
 
 * `update_steps()`: when rounds happen (default: every `delta_t` steps while t < T_end, with
   T_end = `end` x training steps; the first round is at step delta_t, not at the random init;

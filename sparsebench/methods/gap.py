@@ -1,4 +1,4 @@
-"""`gap`: scheduled Grow-and-Prune (Ma et al., ICLR 2022, arXiv 2106.09857; ALGORITHMS.md section 1).
+"""`gap`: scheduled Grow-and-Prune (Ma et al., ICLR 2022, arXiv 2106.09857; docs/methods.md, GaP).
 
 The prunable tensors are cut into `kappa` partitions. Training is a sequence of equal GaP steps
 (kappa * rounds of them, one more with `initial_step=true`) followed by a fine-tune:

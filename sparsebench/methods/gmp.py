@@ -1,4 +1,4 @@
-"""`gmp`: gradual magnitude pruning (Zhu & Gupta 2017, arXiv 1710.01878; ALGORITHMS.md section 4).
+"""`gmp`: gradual magnitude pruning (Zhu & Gupta 2017, arXiv 1710.01878; docs/methods.md, GMP).
 
 Every `frequency` steps between `begin` and `end` (fractions of training) the network is pruned
 by magnitude to s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n dt))^3 (their eq. 1); pruned weights

@@ -1,4 +1,4 @@
-"""`rigl`: Rigging the Lottery (Evci et al., ICML 2020, arXiv 1911.11134; ALGORITHMS.md section 2).
+"""`rigl`: Rigging the Lottery (Evci et al., ICML 2020, arXiv 1911.11134; docs/methods.md, RigL).
 
 Random masks at the target densities (exact counts), then every `delta_t` steps while
 t < T_end = `end` x training, per tensor l:
@@ -30,7 +30,7 @@ v would never move (sparse/powerprop.py).
 `grow_score=gradient_explore` swaps step 3's score for a DST-EE-style acquisition
 (Huang et al., arXiv 2211.16667): |grad| + c ln(t+1) / (N_w + eps), where N_w counts the update
 rounds in which connection w was active, t is the training step, c = `explore_c` and
-eps = `explore_eps`. DST-EE's exact form is UNVERIFIED (ALGORITHMS.md section 10: only the
+eps = `explore_eps`. DST-EE's exact form is UNVERIFIED (docs/methods.md, DST-EE: only the
 idea "exploitation by gradient + exploration of rarely active connections" is verified); this
 is a sparsebench reading of it. With eps = 1 a never-active connection gets a bonus of
 c ln(t+1); a small eps makes every never-tried connection win over every tried one. The

@@ -1,4 +1,4 @@
-"""`set`: Sparse Evolutionary Training (Mocanu et al., Nature Communications 2018; ALGORITHMS.md section 3).
+"""`set`: Sparse Evolutionary Training (Mocanu et al., Nature Communications 2018; docs/methods.md, SET).
 
 Two protocols, recorded in the run's config as `method.protocol`:
 

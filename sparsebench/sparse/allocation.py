@@ -1,7 +1,7 @@
 """Layer-wise sparsity allocation: how a global sparsity s is spread over the prunable tensors.
 
 * uniform: every tensor at density 1 - s.
-* ER / ERK (ALGORITHMS.md section 0.1, google-research/rigl `get_sparsities_erdos_renyi`):
+* ER / ERK (docs/methods.md, allocations, google-research/rigl `get_sparsities_erdos_renyi`):
   d_l = eps * r_l with r_l = (n_in + n_out)/(n_in * n_out) for ER and
   r_l = sum(dims)/prod(dims) for ERK, optionally r_l ** power; eps is solved so that
   sum_l d_l N_l = (1 - s) sum_l N_l, and any layer whose d_l would exceed 1 is made dense and
@@ -122,7 +122,7 @@ def layer_densities(
 @torch.no_grad()
 def global_magnitude_densities(engine: MaskedModel, density: float) -> dict[str, float]:
     """Per-tensor densities that keep the globally largest |W| (active entries only), exactly
-    target_nnz(N, density) in total (DESIGN.md: a full sort costs ~0.6 of a ResNet-18 step)."""
+    target_nnz(N, density) in total (docs/design.md: a full sort costs ~0.6 of a ResNet-18 step)."""
     scores = {
         n: torch.where(t.mask, t.param.abs(), torch.full_like(t.param, -1.0))
         for n, t in engine.tensors.items()

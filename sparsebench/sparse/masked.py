@@ -1,7 +1,7 @@
 """MaskedModel: the one place where masks live and where their invariants are kept.
 
 Methods decide *which* entries are active; this engine alone changes masks, and after every
-change it guarantees (DESIGN.md, "the method interface"):
+change it guarantees (docs/design.md, "Contracts"; docs/methods.md, "the engine"):
 
 * each prunable tensor has exactly its target number of non-zeros, `target_nnz(N, density)`
   (no silent under/overshoot: ERK undershooting is sparse_learning#20);

@@ -1,4 +1,4 @@
-"""Powerpropagation (Schwarz et al., NeurIPS 2021, arXiv 2110.00296; ALGORITHMS.md section 7).
+"""Powerpropagation (Schwarz et al., NeurIPS 2021, arXiv 2110.00296; docs/methods.md, Powerpropagation).
 
 Each prunable weight is re-parameterised as w = sign(v) |v|^alpha and v is trained, so
 dL/dv = alpha |v|^(alpha-1) dL/dw: small weights get small updates and the weight distribution
