@@ -82,6 +82,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib.metadata
 import inspect
 import io
 import math
@@ -90,18 +92,16 @@ import random
 import zipfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms as T
-from torchvision.datasets.folder import default_loader
 
 from sparsebench.errors import UserError
 from sparsebench.registry import Registry
+from sparsebench.results import atomic_write_bytes
 
 
 @dataclass
@@ -185,7 +185,57 @@ def _existing_data_dir(data_dir: str) -> str:
 
 # ---------------------------------------------------------------- mnist1d
 
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def cache_directory() -> Path:
+    """Where generated data is kept between processes: $SPARSEBENCH_CACHE, else the XDG cache."""
+    if os.environ.get("SPARSEBENCH_CACHE"):
+        return Path(os.environ["SPARSEBENCH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsebench"
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    h = hashlib.sha256()
+    for key in _MNIST1D_KEYS:
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
 @functools.lru_cache(maxsize=4)
+def _mnist1d_arrays(num_samples: int, gen_seed: int) -> dict[str, np.ndarray]:
+    """The generated set, from the on-disk cache when a content-checked copy is there.
+
+    Generating MNIST-1D takes seconds (and imports matplotlib) in every process, which dominated
+    a short run's start-up; the cache file holds the arrays and their SHA-256, is keyed by the
+    generator's version and arguments, and is rewritten whenever it fails its check. A cache that
+    cannot be written only costs the time of generating again.
+    """
+    try:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    path = cache_directory() / f"mnist1d-{version}-n{num_samples}-seed{gen_seed}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            arrays = {key: cached[key] for key in _MNIST1D_KEYS}
+            if np.array_equal(cached["sha256"], _digest(arrays)):
+                return arrays
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: regenerate below
+        pass
+    arrays = _generate_mnist1d(num_samples, gen_seed)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, sha256=_digest(arrays))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError:
+        pass
+    return arrays
+
+
 def _generate_mnist1d(num_samples: int, gen_seed: int) -> dict[str, np.ndarray]:
     """Run the package's generator; it reseeds the global RNGs, so theirs are put back after."""
     from mnist1d.data import get_dataset_args, make_dataset
@@ -199,7 +249,7 @@ def _generate_mnist1d(num_samples: int, gen_seed: int) -> dict[str, np.ndarray]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    return {key: generated[key] for key in ("x", "y", "x_test", "y_test")}
+    return {key: generated[key] for key in _MNIST1D_KEYS}
 
 
 @DATASETS.register("mnist1d")
@@ -209,7 +259,7 @@ def _load_mnist1d(data_dir: str, download: bool, num_samples: int = 5000, gen_se
     if num_samples % 10:
         raise UserError(f"dataset.num_samples must be a multiple of 10 (an equal share per digit), got {num_samples}")
     _require_int("gen_seed", gen_seed, minimum=0, maximum=2**32 - 1)  # numpy's legacy seed range
-    arrays = _generate_mnist1d(num_samples, gen_seed)
+    arrays = _mnist1d_arrays(num_samples, gen_seed)
     train = ArrayDataset(arrays["x"][:, None, :], arrays["y"])
     test = ArrayDataset(arrays["x_test"][:, None, :], arrays["y_test"])
     return DatasetBundle("mnist1d", train, test, input_shape=tuple(train.inputs.shape[1:]), num_classes=10)
@@ -219,7 +269,7 @@ def _load_mnist1d(data_dir: str, download: bool, num_samples: int = 5000, gen_se
 
 @dataclass(frozen=True)
 class _TorchvisionSpec:
-    dataset_class: type
+    dataset_class: str  # the class in torchvision.datasets (imported only when a set is loaded)
     folder: str  # where torchvision keeps the files under root
     input_shape: tuple[int, ...]
     num_classes: int
@@ -229,29 +279,32 @@ class _TorchvisionSpec:
 
 
 _TORCHVISION_SPECS = {
-    "mnist": _TorchvisionSpec(tv_datasets.MNIST, "MNIST/raw", (1, 28, 28), 10, (0.1307,), (0.3081,), False),
+    "mnist": _TorchvisionSpec("MNIST", "MNIST/raw", (1, 28, 28), 10, (0.1307,), (0.3081,), False),
     "fashion_mnist": _TorchvisionSpec(
-        tv_datasets.FashionMNIST, "FashionMNIST/raw", (1, 28, 28), 10, (0.2860,), (0.3530,), False
+        "FashionMNIST", "FashionMNIST/raw", (1, 28, 28), 10, (0.2860,), (0.3530,), False
     ),
     "cifar10": _TorchvisionSpec(
-        tv_datasets.CIFAR10, "cifar-10-batches-py", (3, 32, 32), 10,
+        "CIFAR10", "cifar-10-batches-py", (3, 32, 32), 10,
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True,
     ),
     "cifar100": _TorchvisionSpec(
-        tv_datasets.CIFAR100, "cifar-100-python", (3, 32, 32), 100,
+        "CIFAR100", "cifar-100-python", (3, 32, 32), 100,
         (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True,
     ),
 }
 
 
 def _torchvision_split(name: str, spec: _TorchvisionSpec, root: str, download: bool, train: bool) -> Dataset:
+    from torchvision import datasets as tv_datasets
+    from torchvision import transforms as T
+
     to_input = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     augmentation = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if spec.augment and train else []
     looked_in = os.path.join(root, spec.folder)
     silenced = io.StringIO()
     try:
         with contextlib.redirect_stdout(silenced), contextlib.redirect_stderr(silenced):
-            return spec.dataset_class(
+            return getattr(tv_datasets, spec.dataset_class)(
                 root=root, train=train, download=download, transform=T.Compose(augmentation + to_input)
             )
     except RuntimeError as error:  # torchvision's way of saying the files are missing or a download failed
@@ -288,7 +341,7 @@ def _register_torchvision(name: str, spec: _TorchvisionSpec) -> None:
             num_classes=spec.num_classes,
         )
 
-    load.__doc__ = f"torchvision's {spec.dataset_class.__name__} under ``data_dir/{spec.folder}``."
+    load.__doc__ = f"torchvision's {spec.dataset_class} under ``data_dir/{spec.folder}``."
     DATASETS.register(name)(load)
 
 
@@ -307,17 +360,21 @@ def _unreadable_image(path: str, error: Exception) -> UserError:
     return UserError(f"imagefolder image {path} cannot be read ({reason}); remove or replace it")
 
 
-def _read_rgb_image(path: str) -> Image.Image:
+def _read_rgb_image(path: str):
     """ImageFolder's own loader, but a file that fails when decoded mid-training is named as a
     user error; as a bare OSError the trainer would report it as a run-directory write failure."""
+    from torchvision.datasets.folder import default_loader
+
     try:
         return default_loader(path)
     except Exception as error:  # whatever PIL raises while parsing the user's file, that file is unusable
         raise _unreadable_image(path, error) from None
 
 
-def _verify_images(folder: tv_datasets.ImageFolder) -> None:
+def _verify_images(folder) -> None:
     """Open every image once, so a bad file is named at load time, before a run directory exists."""
+    from PIL import Image
+
     for path, _ in folder.samples:
         try:
             with Image.open(path) as image:
@@ -326,7 +383,9 @@ def _verify_images(folder: tv_datasets.ImageFolder) -> None:
             raise _unreadable_image(path, error) from None
 
 
-def _image_folder(path: str, transform: Callable) -> tv_datasets.ImageFolder:
+def _image_folder(path: str, transform: Callable):
+    from torchvision import datasets as tv_datasets
+
     try:
         return tv_datasets.ImageFolder(path, transform=transform, loader=_read_rgb_image)
     except FileNotFoundError as error:  # no class folders, or a class folder without images
@@ -349,6 +408,8 @@ def _load_imagefolder(
         raise UserError(
             f"imagefolder needs {train_dir} and {eval_dirs[0]} (or {eval_dirs[1]}), each with one folder per class"
         )
+    from torchvision import transforms as T
+
     normalize = [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
     train = _image_folder(
         train_dir, T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalize])

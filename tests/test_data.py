@@ -79,9 +79,13 @@ def test_mnist1d_default_shapes_and_classes(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written to disk
 
 
-def test_mnist1d_is_deterministic_and_seeded(tmp_path):
+def test_mnist1d_is_deterministic_and_seeded(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    data._mnist1d_arrays.cache_clear()
     first = load_dataset("mnist1d", str(tmp_path), num_samples=200)
-    data._generate_mnist1d.cache_clear()  # make the second load generate again
+    data._mnist1d_arrays.cache_clear()
+    (cached,) = (tmp_path / "cache").glob("mnist1d-*-n200-seed42.npz")
+    cached.unlink()  # make the second load generate again
     second = load_dataset("mnist1d", str(tmp_path), num_samples=200)
     other_seed = load_dataset("mnist1d", str(tmp_path), num_samples=200, gen_seed=7)
     assert torch.equal(first.train.inputs, second.train.inputs)
@@ -96,13 +100,42 @@ def test_mnist1d_needs_no_network_and_leaves_global_rngs_alone(tmp_path, monkeyp
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    data._generate_mnist1d.cache_clear()
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    data._mnist1d_arrays.cache_clear()
     np.random.seed(123)
     expected = np.random.rand()
     np.random.seed(123)
     bundle = load_dataset("mnist1d", str(tmp_path), num_samples=100, gen_seed=3)
     assert len(bundle.train) == 80
     assert np.random.rand() == expected
+
+
+def test_mnist1d_is_cached_on_disk_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    data._mnist1d_arrays.cache_clear()
+    generated = load_dataset("mnist1d", str(tmp_path), num_samples=100, gen_seed=5)
+    (cached,) = (tmp_path / "cache").glob("mnist1d-*-n100-seed5.npz")
+
+    def must_not_generate(*args):
+        raise AssertionError("generated although a valid cache file exists")
+
+    monkeypatch.setattr(data, "_generate_mnist1d", must_not_generate)
+    data._mnist1d_arrays.cache_clear()
+    from_cache = load_dataset("mnist1d", str(tmp_path), num_samples=100, gen_seed=5)
+    assert torch.equal(generated.train.inputs, from_cache.train.inputs)
+    assert torch.equal(generated.test.labels, from_cache.test.labels)
+
+    monkeypatch.undo()
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    with np.load(cached) as f:  # same shapes, one value changed: only the checksum can tell
+        arrays = {k: f[k].copy() for k in f.files}
+    arrays["x"][0, 0] += 1.0
+    np.savez(cached, **arrays)
+    data._mnist1d_arrays.cache_clear()
+    repaired = load_dataset("mnist1d", str(tmp_path), num_samples=100, gen_seed=5)
+    assert torch.equal(generated.train.inputs, repaired.train.inputs)
+    with np.load(cached) as f:
+        assert np.array_equal(f["x"], data._generate_mnist1d(100, 5)["x"])  # rewritten valid
 
 
 @pytest.mark.parametrize("options", [{"num_samples": 5}, {"num_samples": 105}, {"gen_seed": -1}, {"gen_seed": "a"}])

@@ -8,7 +8,6 @@ resolution in layer1). Replacing a submodule in place keeps `named_modules()` in
 from __future__ import annotations
 
 from torch import nn
-from torchvision import models as tv
 
 from sparsebench.models import MODELS
 from sparsebench.models.common import require_rank
@@ -22,6 +21,8 @@ def _fresh_conv(template: nn.Conv2d, in_channels: int, kernel: int, stride: int,
 
 def _resnet(name: str, input_shape: tuple[int, ...], num_classes: int, cifar_stem: bool) -> nn.Module:
     require_rank(name, input_shape, 3, "(C, H, W)")
+    from torchvision import models as tv  # here, not at import: torchvision.models costs ~2 s to import
+
     model = getattr(tv, name)(weights=None, num_classes=num_classes)
     if cifar_stem:
         model.conv1 = _fresh_conv(model.conv1, input_shape[0], kernel=3, stride=1, padding=1)
@@ -48,6 +49,8 @@ def resnet50(input_shape: tuple[int, ...], num_classes: int, *, cifar_stem: bool
 def mobilenet_v2(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """MobileNetV2 (Sandler et al. 2018); its depthwise convs make it a hard case for pruning."""
     require_rank("mobilenet_v2", input_shape, 3, "(C, H, W)")
+    from torchvision import models as tv
+
     model = tv.mobilenet_v2(weights=None, num_classes=num_classes)
     stem = model.features[0][0]
     if input_shape[0] != stem.in_channels:
