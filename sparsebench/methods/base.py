@@ -182,13 +182,50 @@ class SparsityMethod:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # ---------------------------------------------------------------- the plan, for users
+    # Fewer planned mask updates than this and a method's schedule no longer means what it says
+    # (a cosine drop fraction or a cubic sparsity curve sampled once or twice is a one-shot change).
+    min_updates: ClassVar[int] = 0
+
+    def schedule_warning(self) -> str | None:
+        """One line when the run is too short for the method's update schedule, else None."""
+        planned = len(self.mask_update_steps())
+        if planned >= self.min_updates:
+            return None
+        return (
+            f"warning: method {self.registered_name()} plans {planned} mask update(s) in {self.total_steps} steps; "
+            f"its schedule needs about {self.min_updates} to mean what it says: raise epochs, or space the updates "
+            "with method.updates_per_epoch or method.total_updates"
+        )
+
     # ---------------------------------------------------------------- helpers for subclasses
-    def check_pruning_window(self, begin: float, end: float, frequency: int) -> None:
-        """Options `begin`, `end` (fractions of training) and `frequency` (steps) of a schedule."""
+    def check_pruning_window(self, begin: float, end: float) -> None:
+        """Options `begin` and `end` (fractions of training) of a schedule."""
         if not 0.0 <= begin < end < 1.0:
             raise UserError(f"method.begin={begin}, method.end={end}: need 0 <= begin < end < 1")
-        if frequency < 1:
-            raise UserError(f"method.frequency={frequency}: expected a positive number of steps")
+
+    def update_interval(self, key: str, window: int) -> int:
+        """Steps between mask updates. The papers state it in steps (`method.<key>`, RigL's
+        delta_t = 100, GMP's frequency), which at a short run's few hundred steps means one or two
+        updates; `method.updates_per_epoch` or `method.total_updates` (spread over the `window`
+        steps in which updates happen) give it in the units researchers also use, and win over
+        `method.<key>` when set."""
+        o = self.options
+        steps, per_epoch, total = getattr(o, key), getattr(o, "updates_per_epoch", None), getattr(o, "total_updates", None)
+        if per_epoch is not None and total is not None:
+            raise UserError("method.updates_per_epoch and method.total_updates are both set; give one of them "
+                            f"(or neither, to use method.{key} in steps)")
+        if per_epoch is not None:
+            if per_epoch <= 0:
+                raise UserError(f"method.updates_per_epoch={per_epoch}: expected a positive number")
+            return max(1, round(self.steps_per_epoch / per_epoch))
+        if total is not None:
+            if total < 1:
+                raise UserError(f"method.total_updates={total}: expected a positive number of updates")
+            return max(1, window // total)
+        if steps < 1:
+            raise UserError(f"method.{key}={steps}: expected a positive number of steps between mask updates")
+        return steps
 
     def scaled_densities(self, sparsity: float) -> dict[str, float]:
         """Per-tensor densities at an intermediate global `sparsity`, keeping the allocation's

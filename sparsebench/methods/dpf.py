@@ -58,6 +58,8 @@ class DPFOptions:
     begin: float = 0.0  # fraction of training where the sparsity starts to rise from 0
     end: float = 0.75  # fraction of training where the target sparsity is reached; mask fixed after
     frequency: int = 16  # steps between mask refreshes (the paper's p = 16)
+    updates_per_epoch: float | None = None  # instead of frequency: mask refreshes per epoch
+    total_updates: int | None = None  # instead of frequency: about this many refreshes from begin to end
 
 
 @METHODS.register("dpf")
@@ -65,10 +67,11 @@ class DPF(SparsityMethod):
     Options = DPFOptions
     supports_global_allocation = True
     mask_gradients = False  # until `end`, the gradient at the pruned model updates masked (dense) entries too
+    min_updates = 5
 
     def validate(self) -> None:
         o = self.options
-        self.check_pruning_window(o.begin, o.end, o.frequency)
+        self.check_pruning_window(o.begin, o.end)
         self.begin_step = round(o.begin * self.total_steps)
         self.end_step = round(o.end * self.total_steps)
         if self.end_step >= self.total_steps or self.end_step <= self.begin_step:
@@ -76,9 +79,8 @@ class DPF(SparsityMethod):
                 f"method.begin={o.begin}, method.end={o.end}: with {self.total_steps} training steps the "
                 "pruning window is empty or ends after training; widen it or raise epochs"
             )
-        self.refresh_steps = [
-            t for t in range(self.begin_step, self.end_step + 1, o.frequency)
-        ]
+        self.frequency = self.update_interval("frequency", self.end_step - self.begin_step)
+        self.refresh_steps = list(range(self.begin_step, self.end_step + 1, self.frequency))
         if self.refresh_steps[-1] != self.end_step:
             self.refresh_steps.append(self.end_step)  # the target is always reached at `end`
         self._refresh = set(self.refresh_steps)
@@ -95,7 +97,7 @@ class DPF(SparsityMethod):
         for name, t in self.engine.tensors.items():
             self.dense[name].copy_(t.param)
         ctx.log(
-            f"DPF: mask from |dense weights| every {self.options.frequency} steps, cubic sparsity from step "
+            f"DPF: mask from |dense weights| every {self.frequency} steps, cubic sparsity from step "
             f"{self.begin_step} to {self.end_step}, "
             f"{'global' if self.target.allocation == 'global' else 'layer-wise'} threshold"
         )

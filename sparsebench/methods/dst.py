@@ -89,6 +89,7 @@ class DynamicSparseMethod(SparsityMethod):
 
     needs_dense_grad: ClassVar[bool] = False
     description: ClassVar[str] = "drop by |W|, grow"
+    min_updates = 5
     supports_structure = True  # N:M and blocks: see the module docstring
 
     # ------------------------------------------------------------ set-up and plan
@@ -96,12 +97,12 @@ class DynamicSparseMethod(SparsityMethod):
         o = self.options
         if not 0.0 < o.alpha <= 1.0:
             raise UserError(f"method.alpha={o.alpha}: expected a drop fraction in (0, 1]")
-        if o.delta_t < 1:
-            raise UserError(f"method.delta_t={o.delta_t}: expected a positive number of steps between mask updates")
         if not 0.0 < o.end <= 1.0:
             raise UserError(f"method.end={o.end}: expected a fraction of training in (0, 1]")
         self.end_step = int(o.end * self.total_steps)  # T_end
         self.timing = getattr(o, "timing", Timing.sparsebench)
+        # delta_t, or from updates_per_epoch / total_updates (rounds strictly inside (0, T_end)).
+        self.delta_t = self.update_interval("delta_t", self.end_step if self.reference_timing else self.end_step - 1)
         self.updates = self.update_steps()
         self._update_set = set(self.updates)
         self._dense_grads: dict[str, torch.Tensor] = {}
@@ -113,8 +114,8 @@ class DynamicSparseMethod(SparsityMethod):
     def update_steps(self) -> list[int]:
         if self.reference_timing:  # the reference: t = k delta_t with 0 <= t <= T_end
             last = min(self.end_step, self.total_steps - 1)
-            return list(range(0, last + 1, self.options.delta_t))
-        return list(range(self.options.delta_t, self.end_step, self.options.delta_t))
+            return list(range(0, last + 1, self.delta_t))
+        return list(range(self.delta_t, self.end_step, self.delta_t))
 
     def drop_fraction(self, step: int) -> float:
         o = self.options

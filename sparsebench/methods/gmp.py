@@ -26,6 +26,8 @@ class GMPOptions:
     begin: float = 0.2  # fraction of training at which pruning starts (t0)
     end: float = 0.75  # fraction of training at which the target sparsity is reached
     frequency: int = 100  # steps between pruning events (dt)
+    updates_per_epoch: float | None = None  # instead of frequency: pruning events per epoch
+    total_updates: int | None = None  # instead of frequency: about this many events from begin to end
 
 
 @METHODS.register("gmp")
@@ -33,16 +35,18 @@ class GMP(SparsityMethod):
     Options = GMPOptions
     supports_global_allocation = True
     supports_structure = True  # the rounding lives in scaled_densities and magnitude_masks
+    min_updates = 5
 
     def validate(self) -> None:
         o = self.options
-        self.check_pruning_window(o.begin, o.end, o.frequency)
+        self.check_pruning_window(o.begin, o.end)
         if not 0.0 <= o.initial_sparsity <= self.target.sparsity:
             raise UserError(
                 f"method.initial_sparsity={o.initial_sparsity}: expected a value in [0, sparsity={self.target.sparsity}]"
             )
         self.begin_step = int(o.begin * self.total_steps)
         self.end_step = int(o.end * self.total_steps)
+        self.frequency = self.update_interval("frequency", self.end_step - self.begin_step)
         self.events = [t for t in range(self.begin_step, self.end_step + 1)
                        if self.is_pruning_step(t) and self.sparsity_at(t) > 0]
 
@@ -50,7 +54,7 @@ class GMP(SparsityMethod):
         return cubic_sparsity(step, self.options.initial_sparsity, self.target.sparsity, self.begin_step, self.end_step)
 
     def is_pruning_step(self, t: int) -> bool:
-        on_grid = t >= self.begin_step and (t - self.begin_step) % self.options.frequency == 0
+        on_grid = t >= self.begin_step and (t - self.begin_step) % self.frequency == 0
         return (on_grid and t <= self.end_step) or t == self.end_step
 
     def before_step(self, ctx: StepContext) -> None:

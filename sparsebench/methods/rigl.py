@@ -61,6 +61,8 @@ class RigLOptions:
     alpha: float = 0.3  # initial drop fraction
     drop_schedule: DropSchedule = DropSchedule.cosine
     delta_t: int = 100  # steps between mask updates
+    updates_per_epoch: float | None = None  # instead of delta_t: mask updates per epoch
+    total_updates: int | None = None  # instead of delta_t: about this many updates before T_end
     end: float = 0.75  # fraction of training after which masks are fixed (T_end)
     grow_score: GrowScore = GrowScore.gradient
     explore_c: float = 1e-3  # exploration weight c (gradient_explore only)

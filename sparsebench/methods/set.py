@@ -74,6 +74,8 @@ class SETOptions:
     alpha: float = 0.3  # rigl protocol: initial drop fraction
     drop_schedule: DropSchedule = DropSchedule.cosine  # rigl protocol
     delta_t: int = 100  # rigl protocol: steps between mask updates
+    updates_per_epoch: float | None = None  # instead of delta_t: mask updates per epoch
+    total_updates: int | None = None  # instead of delta_t: about this many updates before T_end
     end: float = 0.75  # rigl protocol: fraction of training after which masks are fixed
     regrow_init: SETRegrowInit = SETRegrowInit.zero
     init_std: float = 0.1  # std of regrow_init=normal
@@ -92,6 +94,9 @@ class SET(DynamicSparseMethod):
             raise UserError(f"method.zeta={o.zeta}: expected a fraction in (0, 1)")
         if not o.init_std > 0.0:
             raise UserError(f"method.init_std={o.init_std}: expected a positive standard deviation")
+        if o.protocol is SETProtocol.original and (o.updates_per_epoch is not None or o.total_updates is not None):
+            raise UserError("method.updates_per_epoch and method.total_updates space the updates of protocol=rigl; "
+                            "protocol=original updates once per epoch")
         self.memory: dict[str, torch.Tensor] = {}  # last value of each dropped weight (keep)
         init = {SETRegrowInit.zero: "new weights 0", SETRegrowInit.normal: f"new weights N(0, {o.init_std}^2)",
                 SETRegrowInit.keep: "new weights at their last value"}[o.regrow_init]
