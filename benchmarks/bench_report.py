@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/bench_report.py [--runs 5000] [--keep DIR]
 
 Writes realistic run directories (resolved config.yaml, ten metrics.jsonl lines with per-layer
-densities, final.json; about 1% of runs incomplete, diverged or corrupt), then times the report
-without and with plots and prints the seconds. Target: 10 s without plots.
+densities, mask_updates.jsonl for the methods that change masks, final.json with every key the
+trainer writes, a bench.json beside one run in ten; about 1% of runs incomplete, diverged or
+corrupt), then times the report without and with plots and prints the seconds. Target: 10 s
+without plots.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ DATASETS = ("cifar10", "cifar100", "svhn", "tiny_imagenet")
 MODELS = ("resnet20", "vgg16", "wrn22_2")
 DISTRIBUTIONS = ("erk", "uniform")
 METHODS = ("set", "rigl", "snip", "grasp", "synflow", "static", "magnitude")
+DYNAMIC = ("set", "rigl")  # change masks every UPDATE_EVERY steps; magnitude prunes at a few steps
+UPDATE_EVERY = 100
+STEPS_PER_EPOCH = 390
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 SEEDS = range(6)
 EPOCHS = 10
@@ -49,10 +54,12 @@ def sweep() -> list[tuple[str, str, str, str, float, int]]:
 
 def config(dataset, model, method, distribution, sparsity, seed) -> dict:
     return {
-        "exp": f"{method}_{dataset}", "seed": seed, "epochs": EPOCHS, "sparsity": sparsity,
-        "method": {"name": method, "update_frequency": 100, "drop_fraction": 0.3, "drop_schedule": "cosine"},
+        "exp": f"{method}_{dataset}", "seed": seed, "epochs": EPOCHS, "sparsity": sparsity, "batch_size": 128,
+        "eval_batch_size": 1000, "label_smoothing": 0.0, "device": "auto", "amp": False, "powerprop": 1.0,
+        "sparse_init": "none", "results_root": "results", "progress": "none", "num_workers": 4,
+        "method": {"name": method, "update_frequency": UPDATE_EVERY, "drop_fraction": 0.3, "drop_schedule": "cosine"},
         "model": {"name": model, "width": 1, "num_classes": 100 if dataset == "cifar100" else 10},
-        "dataset": {"name": dataset, "root": "data", "batch_size": 128, "num_workers": 4, "augment": True},
+        "dataset": {"name": dataset, "data_dir": "data", "download": False, "augment": True},
         "distribution": {"name": distribution, "erk_power_scale": 1.0, "dense_first_layer": False},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
         "schedule": {"name": "cosine", "warmup_epochs": 1},
@@ -67,15 +74,30 @@ def write_run(root: Path, rng: random.Random, dataset, model, method, distributi
     target = 92.0 - 10 * sparsity**4 + rng.gauss(0, 0.3)
     density = 1 - sparsity
     lines = []
+    itop = density
     for epoch in range(1, EPOCHS + 1):
+        itop = min(1.0, itop + (0.03 if method in DYNAMIC else 0.0))
         accuracy = target * (1 - 0.5 ** epoch)
         lines.append(json.dumps({
-            "epoch": epoch, "step": epoch * 390, "lr": 0.1, "train_loss": 2.3 / epoch, "train_acc": accuracy + 3,
+            "epoch": epoch, "step": epoch * STEPS_PER_EPOCH, "lr": 0.1, "itop_rate": itop, "ece": 3.0, "train_loss": 2.3 / epoch, "train_acc": accuracy + 3,
             "test_loss": 2.0 / epoch, "test_acc": accuracy, "actual_sparsity": sparsity, "weights_changed": 1200,
             "train_flops": DENSE_FLOPS * density * epoch / EPOCHS, "wall_time_s": 30.0 * epoch,
             "layer_densities": {layer: min(1.0, density * (1 + 0.05 * i)) for i, layer in enumerate(LAYERS)},
         }))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    update_steps = (
+        range(UPDATE_EVERY - 1, EPOCHS * STEPS_PER_EPOCH * 3 // 4, UPDATE_EVERY) if method in DYNAMIC
+        else range(STEPS_PER_EPOCH - 1, EPOCHS * STEPS_PER_EPOCH // 2, STEPS_PER_EPOCH) if method == "magnitude"
+        else ()
+    )
+    updates = [
+        json.dumps({"step": step, "epoch": step // STEPS_PER_EPOCH + 1, "layers": {
+            layer: {"dropped": 120 + i, "grown": 120 + i if method in DYNAMIC else 0} for i, layer in enumerate(LAYERS)
+        }})
+        for step in update_steps
+    ]
+    if updates:
+        (run / "mask_updates.jsonl").write_text("\n".join(updates) + "\n")
     fate = rng.random()
     if fate < 0.005:
         return  # still running: no final.json
@@ -84,8 +106,17 @@ def write_run(root: Path, rng: random.Random, dataset, model, method, distributi
         "distribution": distribution, "sparsity": sparsity, "actual_sparsity": sparsity, "test_acc": target,
         "best_test_acc": target + 0.2, "test_loss": 0.3, "train_flops": DENSE_FLOPS * max(density, 0.01),
         "train_flops_dense": DENSE_FLOPS, "wall_time_s": 300.0, "seed": seed, "epochs": EPOCHS,
-        "layer_densities": json.loads(lines[-1])["layer_densities"], "ece": 0.03,
+        "layer_densities": json.loads(lines[-1])["layer_densities"], "ece": 0.03, "steps": EPOCHS * STEPS_PER_EPOCH,
+        "itop_rate": itop, "input_shape": [3, 32, 32], "num_classes": 100 if dataset == "cifar100" else 10,
+        "chance_acc": 1.0 if dataset == "cifar100" else 10.0, "inference_flops": 4.1e7 * max(density, 0.01),
+        "inference_flops_dense": 4.1e7,
     }
+    if fate > 0.9:  # `sparsebench bench RUN_DIR` measured this one
+        (run / "bench.json").write_text(json.dumps({
+            "inference": [{"format": fmt, "batch_size": batch, "speedup_vs_dense": 1 + sparsity * speed}
+                          for fmt, speed in (("csr", 0.8), ("bsr", 1.1)) for batch in (1, 256)],
+            "train_step": {"speedup_vs_dense": 0.95},
+        }))
     text = json.dumps(final)
     (run / "final.json").write_text(text[: len(text) // 2] if fate > 0.997 else text)  # a few corrupt files
 

@@ -6,7 +6,7 @@ get properly escaped text from the same numbers.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Union
 
@@ -14,9 +14,11 @@ import pandas as pd
 
 from sparsebench.reporting.aggregate import Comparison, TableSlice
 from sparsebench.reporting.health import Health
+from sparsebench.reporting.identity import Budget, Identity
 from sparsebench.reporting.load import DIVERGED, FAILED, INCOMPLETE, OK
 from sparsebench.reporting.tables import (
-    METRIC_LABELS, Style, accuracy_table, delta_table, ece_table, flops_table, has_ece, plain_table, table_title,
+    METRIC_LABELS, Style, accuracy_table, cost_table, delta_table, ece_table, has_ece, has_measured, plain_table,
+    table_title,
 )
 
 
@@ -46,6 +48,11 @@ class Image:
     title: str
     filename: str  # relative to the report directory
     png: bytes
+    caption: str = ""  # what a paper's caption says: the title and the training budget
+
+    @property
+    def text(self) -> str:
+        return self.caption or self.title
 
 
 Block = Union[Heading, Text, Table, Image]
@@ -62,18 +69,24 @@ def build_document(
     tables: list[TableSlice],
     health: Health,
     figures: list[list[Image]] | None,
+    budgets: list[Budget] | None = None,
+    identity: Identity | None = None,
 ) -> list[Block]:
-    """Overview, then each table with its figures (`figures[i]` belongs to `tables[i]`), then health."""
-    overview = _overview(source, runs, comparison, len(health.suspicious))
+    """Overview, then each table with its figures (`figures[i]` and `budgets[i]` belong to `tables[i]`), then health."""
+    budgets = budgets if budgets is not None else [Budget({}, {}) for _ in tables]
+    categories = health_categories(health, comparison.modal_n)
+    overview = _overview(source, runs, comparison, identity, categories)
     blocks: list[Block] = [Heading("sparsebench report", 1), overview]
-    for index, table in enumerate(tables):
-        blocks += _result_blocks(table, comparison)
+    for index, (table, budget) in enumerate(zip(tables, budgets)):
+        blocks += _result_blocks(table, comparison, budget)
         if figures is not None:
-            blocks += figures[index]
-    return blocks + _health_blocks(health, comparison.modal_n)
+            caption = f"{budget.long()}{_dense_note(table)}"
+            blocks += [replace(image, caption=f"{image.title}. {caption}") for image in figures[index]]
+    return blocks + _health_blocks(categories)
 
 
-def _overview(source: str, runs: pd.DataFrame, comparison: Comparison, at_chance: int) -> Text:
+def _overview(source: str, runs: pd.DataFrame, comparison: Comparison, identity: Identity | None,
+              categories: list[HealthCategory]) -> Text:
     counts = runs["state"].value_counts()
     states = ", ".join(
         f"{counts.get(state, 0)} {word}"
@@ -81,47 +94,150 @@ def _overview(source: str, runs: pd.DataFrame, comparison: Comparison, at_chance
     )
     if comparison.summary.empty:
         return Text(f"{len(runs)} runs under {source}: {states}. No run finished healthy yet, so no tables: see Health.")
-    left_out = " Runs listed under Health are left out of every mean"
-    if at_chance == 1:
-        left_out += ", except the run at chance level, which is averaged but flagged."
-    elif at_chance:
-        left_out += f", except the {at_chance} runs at chance level, which are averaged but flagged."
-    else:
-        left_out += "."
     return Text(
         f"{len(runs)} runs under {source}: {states}. Tables compare the {METRIC_LABELS[comparison.metric]}"
-        f" as mean ± sample std over seeds, n = {comparison.modal_n} per cell unless marked.{left_out}"
+        f" as mean ± sample std over seeds, then in brackets [±h] the half-width of the 95 % confidence"
+        f" interval of the mean (Student's t, n − 1 degrees of freedom) where a cell has two or more seeds;"
+        f" n = {comparison.modal_n} per cell unless marked (n=…). {_identity_sentence(comparison, identity)}"
+        f" {health_sentence(categories)}"
     )
 
 
-def _result_blocks(table: TableSlice, comparison: Comparison) -> list[Block]:
+def _identity_sentence(comparison: Comparison, identity: Identity | None) -> str:
+    text = "Only runs whose configs agree on every setting but the seed are averaged together"
+    pooled = identity.pooled if identity is not None else ()
+    if pooled:
+        text += f" (and on every setting but {', '.join(pooled)}, as --pool asked)"
+    splits = []
+    if comparison.grouping.split:
+        splits.append(f"tables are split by {', '.join(comparison.grouping.split)}")
+    for method, keys in (identity.row_splits.items() if identity is not None else ()):
+        splits.append(f"{method} rows by {', '.join(keys)}")
+    text += f": {'; '.join(splits)}." if splits else "."
+    return text + " Each caption states its table's training budget."
+
+
+@dataclass(frozen=True)
+class HealthCategory:
+    """One list of the Health section; `averaged` says whether its runs are in the means."""
+
+    heading: str
+    frame: pd.DataFrame
+    caption: str
+    averaged: bool
+    summary: str  # how the overview names it
+
+
+_PROBLEM_SECTIONS = (
+    (INCOMPLETE, "Incomplete runs (no readable final.json: still running, killed, or still being copied)", "incomplete"),
+    (FAILED, "Failed runs (unreadable, corrupt or invalid files)", "failed"),
+    (DIVERGED, "Diverged runs", "diverged"),
+)
+
+
+def health_categories(health: Health, modal_n: int) -> list[HealthCategory]:
+    """The Health section's lists, in order; the overview and the section both read them."""
+    categories = []
+    problems = health.problems
+    for state, title, word in _PROBLEM_SECTIONS:
+        listed = problems.loc[problems["state"] == state, ["run", "problem"]]
+        if len(listed):
+            categories.append(HealthCategory(
+                title, listed, "Left out of every mean.", False, f"{len(listed)} {word} run{_s(len(listed))}",
+            ))
+    if len(health.suspicious):
+        count = len(health.suspicious)
+        categories.append(HealthCategory(
+            "Runs at chance level", health.suspicious,
+            "Averaged with the other seeds, since a terrible config is still a result, but flagged: the final "
+            "test accuracy is at most min(1, chance/2) points above chance (100 / classes %), so the run "
+            "learned nothing.", True, f"{count} run{_s(count)} at chance level",
+        ))
+    if len(health.seed_gaps):
+        count = len(health.seed_gaps)
+        categories.append(HealthCategory(
+            "Groups missing seeds", health.seed_gaps,
+            f"Groups with fewer healthy runs than the usual {modal_n}: averaged over the seeds they have, and "
+            "their cells are marked (n=…).", True, f"{count} group{_s(count)} missing seeds (marked n=…)",
+        ))
+    if len(health.duplicate_seeds):
+        count = len(health.duplicate_seeds)
+        categories.append(HealthCategory(
+            "Seeds run more than once", health.duplicate_seeds,
+            "Averaged, each run counting as one seed; the last column says what tells them apart: a --pool key "
+            "(pool fewer to split them), or nothing (the same config ran twice, e.g. a tree copied in twice).", True,
+            f"{count} group{_s(count)} that ran a seed more than once",
+        ))
+    if len(health.bench_problems):
+        count = len(health.bench_problems)
+        categories.append(HealthCategory(
+            "Unusable bench.json", health.bench_problems,
+            "The runs' results are averaged; their measured speedups are left out.", True,
+            f"{count} run{_s(count)} with an unusable bench.json (speedups left out)",
+        ))
+    return categories
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+def health_sentence(categories: list[HealthCategory]) -> str:
+    if not categories:
+        return "Health lists nothing: every run completed healthy and every group has the usual seeds."
+    left_out = [category.summary for category in categories if not category.averaged]
+    flagged = [category.summary for category in categories if category.averaged]
+    sentences = []
+    if left_out:
+        sentences.append(f"Left out of every mean and listed under Health: {_and(left_out)}.")
+    if flagged:
+        sentences.append(f"Averaged but flagged under Health: {_and(flagged)}.")
+    return " ".join(sentences)
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _result_blocks(table: TableSlice, comparison: Comparison, budget: Budget) -> list[Block]:
     title, metric, modal_n = table_title(table), comparison.metric, comparison.modal_n
     label = f"tab:{slug(title)}"
+    context = f"{budget.long()}{_dense_note(table)}"
     blocks: list[Block] = [
         Heading(title, 2),
-        Table(_accuracy_caption(table, title, metric), partial(accuracy_table, table, metric, modal_n), True, label),
+        Table(f"{_accuracy_caption(table, title, metric)} {context}",
+              partial(accuracy_table, table, metric, modal_n), True, label),
     ]
     if table.sparse_methods and table.dense is None:
-        blocks.append(Text("No healthy dense run of this dataset and model: no deltas to dense."))
+        blocks.append(Text("No healthy dense run of this dataset and model at this budget (nor a single other "
+                           "budget to fall back on): no deltas to dense."))
     elif table.sparse_methods:
         blocks.append(Table(
-            f"{title}: {metric} minus the dense baseline's, in percentage points (difference of means).",
+            f"{title}: {metric} minus the dense baseline's, in percentage points (difference of means). {context}",
             partial(delta_table, table, metric), True, f"{label}-delta",
         ))
-    if table.sparse_methods:
-        blocks.append(Table(_flops_caption(table, title), partial(flops_table, table), True, f"{label}-flops"))
+    if table.sparse_methods or table.dense is not None:
+        blocks.append(Table(f"{_cost_caption(table, title)} {context}", partial(cost_table, table), True,
+                            f"{label}-cost"))
     if has_ece(table):
         blocks.append(Table(
-            f"{title}: expected calibration error, mean ± std over seeds.",
+            f"{title}: expected calibration error, mean ± std over seeds. {context}",
             partial(ece_table, table, modal_n), True, f"{label}-ece",
         ))
     return blocks
 
 
+def _dense_note(table: TableSlice) -> str:
+    if not table.dense_differs or table.dense is None:
+        return ""
+    return (f" No dense run has this budget: the dense row is the dense runs of the same dataset and model with "
+            f"{table.dense_differs}, so deltas and ratios to dense compare across budgets.")
+
+
 def _accuracy_caption(table: TableSlice, title: str, metric: str) -> str:
-    caption = f"{title}: {METRIC_LABELS[metric]}, mean ± std over seeds."
+    caption = f"{title}: {METRIC_LABELS[metric]}, mean ± std over seeds [± half-width of the 95 % CI of the mean]."
     if len(table.sparse_methods) > 1:
-        caption += " Bold: best sparse method at each sparsity."
+        caption += " Bold: best sparse method at each sparsity, among cells of two or more seeds."
     if table.dense is not None and table.sparse_methods:
         caption += " The dense row repeats the same dense runs in every column."
     sources = _paper_sources(table)
@@ -137,56 +253,36 @@ def _paper_sources(table: TableSlice) -> list[str]:
     return sorted(set(map(str, sources)))
 
 
-def _flops_caption(table: TableSlice, title: str) -> str:
-    caption = f"{title}: training FLOPs relative to dense, as train_flops / train_flops_dense reported by each run"
+def _cost_caption(table: TableSlice, title: str) -> str:
+    caption = (
+        f"{title}: cost, mean over seeds. Train FLOPs: total training FLOPs, comparable across tables and "
+        "budgets. Train FLOPs / dense: over the FLOPs of a dense model on the same schedule, as each run "
+        "reports (train_flops / train_flops_dense)"
+    )
     if table.dense is not None:
-        caption += "; in parentheses, relative to the dense run's measured train_flops"
+        caption += "; in parentheses, over the measured train_flops of the dense row's runs"
+    caption += "."
+    if has_measured(table, "inference_flops_vs_dense_mean"):
+        caption += (" Inference FLOPs / dense: forward FLOPs of one example at the final masks over the dense "
+                    "model's (final.json's inference_flops, else bench.json's flops.ratio).")
+    if has_measured(table, "inference_speedup_mean") or has_measured(table, "train_step_speedup_mean"):
+        caption += (" Measured speedups (sparsebench bench, bench.json beside each run): dense time over sparse "
+                    "time on the machine that ran the bench, above 1× is faster; inference: the best format at "
+                    "the largest batch measured; train step: a sparse training backend if one was measured, "
+                    "else the masked step the trainer takes.")
+    caption += " Wall-clock: training time"
+    if table.dense is not None:
+        caption += ", in parentheses over the dense row's"
     return caption + "."
 
 
-_PROBLEM_SECTIONS = (
-    (INCOMPLETE, "Incomplete runs (no readable final.json: still running, killed, or still being copied)"),
-    (FAILED, "Failed runs (unreadable, corrupt or invalid files)"),
-    (DIVERGED, "Diverged runs"),
-)
-
-
-def _health_blocks(health: Health, modal_n: int) -> list[Block]:
+def _health_blocks(categories: list[HealthCategory]) -> list[Block]:
     blocks: list[Block] = [Heading("Health", 2)]
-    if health.clean:
+    if not categories:
         return blocks + [Text("Every run completed and every group has the same number of seeds: nothing left out.")]
-    problems = health.problems
-    for state, title in _PROBLEM_SECTIONS:
-        listed = problems.loc[problems["state"] == state, ["run", "problem"]]
-        if len(listed):
-            blocks += [
-                Heading(f"{title}: {len(listed)}", 3),
-                Table("Left out of every mean.", partial(plain_table, listed), False),
-            ]
-    if len(health.suspicious):
+    for category in categories:
         blocks += [
-            Heading(f"Runs at chance level: {len(health.suspicious)}", 3),
-            Table(
-                "Averaged with the other seeds, since a terrible config is still a result, but flagged: the final "
-                "test accuracy is at most min(1, chance/2) points above chance (100 / classes %), so the run "
-                "learned nothing.",
-                partial(plain_table, health.suspicious), False,
-            ),
-        ]
-    if len(health.seed_gaps):
-        blocks += [
-            Heading(f"Groups missing seeds: {len(health.seed_gaps)}", 3),
-            Table(
-                f"Groups with fewer healthy runs than the usual {modal_n}; their cells are marked (n=…).",
-                partial(plain_table, health.seed_gaps), False,
-            ),
-        ]
-    if len(health.duplicate_seeds):
-        blocks += [
-            Heading(f"Seeds run more than once: {len(health.duplicate_seeds)}", 3),
-            Table(
-                "These runs are all averaged; add the key they differ in to --group-by to split them.",
-                partial(plain_table, health.duplicate_seeds), False,
-            ),
+            Heading(f"{category.heading}: {len(category.frame)}", 3),
+            Table(category.caption, partial(plain_table, category.frame), False),
         ]
     return blocks

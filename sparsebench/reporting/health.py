@@ -1,5 +1,6 @@
-"""What must not be averaged silently: broken runs, groups short of seeds, seeds run twice, and
-healthy runs that learned nothing (averaged, but flagged)."""
+"""What must not be averaged silently: broken runs (left out), and, averaged but flagged, groups
+short of seeds, seeds run twice, healthy runs that learned nothing and unusable bench.json files.
+document.health_categories says, once for the overview and the Health section, which is which."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -17,10 +18,13 @@ class Health:
     suspicious: pd.DataFrame  # healthy runs that are averaged but flagged (at chance level): run, problem
     seed_gaps: pd.DataFrame  # groups with fewer healthy runs than the usual group
     duplicate_seeds: pd.DataFrame  # groups averaging two runs of one seed, and what tells them apart
+    bench_problems: pd.DataFrame  # healthy runs whose bench.json is unusable: run, problem
 
     @property
     def clean(self) -> bool:
-        return self.problems.empty and self.suspicious.empty and self.seed_gaps.empty and self.duplicate_seeds.empty
+        return all(frame.empty for frame in (
+            self.problems, self.suspicious, self.seed_gaps, self.duplicate_seeds, self.bench_problems,
+        ))
 
 
 def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
@@ -28,7 +32,10 @@ def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
     # The loader leaves the problem of a healthy run empty unless it found something suspicious.
     flagged = (runs["state"] == OK) & runs["problem"].fillna("").astype(bool)
     suspicious = runs.loc[flagged, ["run", "problem"]].reset_index(drop=True)
-    return Health(problems, suspicious, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys))
+    bench = (runs["state"] == OK) & runs["bench_problem"].notna()
+    bench_problems = runs.loc[bench, ["run", "bench_problem"]].rename(columns={"bench_problem": "problem"})
+    return Health(problems, suspicious, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys),
+                  bench_problems.reset_index(drop=True))
 
 
 def seed_gaps(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:

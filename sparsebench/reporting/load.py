@@ -31,6 +31,8 @@ from sparsebench.results import method_label
 CONFIG_FILE = "config.yaml"
 FINAL_FILE = "final.json"
 METRICS_FILE = "metrics.jsonl"
+MASK_UPDATES_FILE = "mask_updates.jsonl"
+BENCH_FILE = "bench.json"  # written beside final.json by `sparsebench bench RUN_DIR`
 
 # libyaml parses the thousands of configs of a sweep several times faster than pure Python; even
 # so, building the Python objects costs ~1 ms a config, hence the worker processes past this many.
@@ -39,9 +41,13 @@ _RUNS_PER_WORKER = 500
 
 # The most bytes read of each file. A resolved config is a few KiB and final.json grows with the
 # model's layer count (about 50 bytes a layer); metrics.jsonl holds one line per evaluation, each
-# with the densities of every layer, so it gets far more room.
+# with the densities of every layer, and mask_updates.jsonl one line per mask-changing step, each
+# with the counts of every layer, so they get far more room.
 _MiB = 1 << 20
-CAPS = {CONFIG_FILE: 1 * _MiB, FINAL_FILE: 1 * _MiB, METRICS_FILE: 64 * _MiB}
+CAPS = {
+    CONFIG_FILE: 1 * _MiB, FINAL_FILE: 1 * _MiB, METRICS_FILE: 64 * _MiB, MASK_UPDATES_FILE: 64 * _MiB,
+    BENCH_FILE: 1 * _MiB,
+}
 # A resolved config has well under a hundred settings a few levels deep; past these bounds a
 # config is junk that would blow up runs.csv (one column per setting) or Python's recursion limit.
 _MAX_SETTINGS = 2000
@@ -59,7 +65,9 @@ DENSE = "dense"
 IDENTITY_COLUMNS = ("dataset", "model", "method", "distribution", "sparsity", "seed")
 NUMERIC_RESULTS = (
     "test_acc", "best_test_acc", "test_loss", "actual_sparsity", "train_flops",
-    "train_flops_dense", "wall_time_s", "ece", "diverged_at_step", "chance_acc",
+    "train_flops_dense", "wall_time_s", "ece", "diverged_at_step", "chance_acc", "steps", "itop_rate",
+    # Forward FLOPs of one example at the final masks and of the dense model (newer trainers only).
+    "inference_flops", "inference_flops_dense",
 )
 # A completed run whose final accuracy or loss is NaN/inf diverged without saying so.
 _MUST_BE_FINITE = ("test_acc", "best_test_acc", "test_loss")
@@ -68,10 +76,14 @@ _MUST_BE_FINITE = ("test_acc", "best_test_acc", "test_loss")
 _NOT_EXPERIMENT_SETTINGS = ("paper", "hydra")
 # Columns the loader derives; every other column of the run table is a flattened config value.
 # `problem` says why a run is not "ok", or, for an "ok" run, what is suspicious about it although
-# it is averaged (final accuracy at chance level).
+# it is averaged (final accuracy at chance level). The speedups come from bench.json, if any;
+# `bench_problem` says why a bench.json beside a healthy run was not used.
+BENCH_COLUMNS = (
+    "inference_speedup", "inference_speedup_setting", "train_step_speedup", "train_step_setting", "bench_problem",
+)
 RESULT_COLUMNS = (
-    "run", "state", "problem", "status", *NUMERIC_RESULTS, "flops_vs_dense",
-    "paper_test_acc", "paper_source", "layer_densities",
+    "run", "state", "problem", "status", *NUMERIC_RESULTS, "flops_vs_dense", "inference_flops_vs_dense",
+    *BENCH_COLUMNS, "paper_test_acc", "paper_source", "layer_densities",
 )
 
 
@@ -133,6 +145,12 @@ def read_run(run_dir: Path, root: Path) -> dict:
     except _Unusable as problem:
         return {**record, "state": FAILED, "problem": _clip(str(problem))}
     state, problem = _judge(final, record)
+    if state == OK:
+        bench = read_bench(run_dir)
+        ratio = bench.pop("bench_flops_ratio", None)
+        if ratio is not None and not math.isfinite(record["inference_flops_vs_dense"]):
+            record["inference_flops_vs_dense"] = ratio  # measured on the run's own weights by `sparsebench bench`
+        record.update(bench)
     return {**record, "state": state, "problem": problem}
 
 
@@ -390,9 +408,117 @@ def _results(final: dict) -> dict:
     ):
         raise _Unusable(f"{FINAL_FILE}: layer_densities is not a mapping of layer names to numbers")
     results["layer_densities"] = densities
-    flops, dense_flops = results["train_flops"], results["train_flops_dense"]
-    results["flops_vs_dense"] = flops / dense_flops if dense_flops > 0 else math.nan
+    results["flops_vs_dense"] = _ratio(results["train_flops"], results["train_flops_dense"])
+    results["inference_flops_vs_dense"] = _ratio(results["inference_flops"], results["inference_flops_dense"])
     return results
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else math.nan  # NaN compares false: a missing whole gives NaN
+
+
+def read_bench(run_dir: Path) -> dict:
+    """The measured speedups of bench.json beside a finished run, or why they cannot be used.
+
+    A bench.json that cannot be used never touches the run's results: its speedups are left
+    out and `bench_problem` says why.
+    """
+    try:
+        read = read_capped(run_dir / BENCH_FILE)
+        if read is None:
+            return {}
+        try:
+            bench = json.loads(read[0])
+        except (ValueError, RecursionError):
+            raise _Unusable(f"{BENCH_FILE} is not valid JSON") from None
+        return bench_speedups(bench)
+    except _Unusable as problem:
+        return {"bench_problem": _clip(str(problem))}
+
+
+BENCH_SCHEMA = "sparsebench.bench/1"
+
+
+def bench_speedups(bench) -> dict:
+    """The numbers the report shows from one bench.json; the only code that knows its layout.
+
+    Reads the layout `sparsebench bench` documents as schema sparsebench.bench/1 (see bench.py):
+    `formats: {name: {status, baseline, inference: [{batch, speedup, ...}]}}`,
+    `training: {status, steps: {name: {status, speedup}}}` and `flops: {ratio}`; a speedup is the
+    baseline's time over the format's (above 1: faster). Shown: the inference speedup of the best
+    format at the largest batch size measured (throughput), named with its batch and, when not
+    dense float32, its baseline; the training step of a sparse training backend if one was
+    measured, else the masked step the trainer takes; and flops.ratio, the forward FLOPs at the
+    run's densities over dense, where final.json has no inference FLOPs of its own.
+    """
+    if not isinstance(bench, dict):
+        raise _Unusable(f"{BENCH_FILE} is not a JSON object")
+    schema = bench.get("schema")
+    if schema != BENCH_SCHEMA:
+        raise _Unusable(f"{BENCH_FILE} has schema {_show(schema)}, not {BENCH_SCHEMA}, the one this report reads")
+    found: dict = {}
+    formats = _mapping(bench.get("formats", {}), "formats")
+    measured = []
+    for name, entry in formats.items():
+        entry = _mapping(entry, f"formats.{name}")
+        baseline = entry.get("baseline")
+        if entry.get("status") != "ok" or name == baseline or str(name).startswith("dense"):
+            continue  # skipped on this machine, or a baseline itself
+        points = entry.get("inference", [])
+        if not isinstance(points, list):
+            raise _Unusable(f"{BENCH_FILE}: formats.{name}.inference is not a list")
+        for index, point in enumerate(points):
+            point = _mapping(point, f"formats.{name}.inference[{index}]")
+            speedup = _speedup(point.get("speedup"), f"formats.{name}.inference[{index}].speedup")
+            batch = point.get("batch")
+            batch = batch if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0 else 0
+            if speedup is not None:
+                measured.append((batch, speedup, str(name), baseline))
+    if measured:
+        largest = max(batch for batch, _, _, _ in measured)
+        _, speedup, name, baseline = max((m for m in measured if m[0] == largest), key=lambda m: m[1])
+        setting = _printable(name) + (f", batch {largest}" if largest else "")
+        if isinstance(baseline, str) and baseline != "dense":
+            setting += f", against {_printable(baseline)}"
+        found.update(inference_speedup=speedup, inference_speedup_setting=setting)
+    training = bench.get("training")
+    if training is not None:
+        training = _mapping(training, "training")
+        steps = _mapping(training.get("steps") or {}, "training.steps") if training.get("status") == "ok" else {}
+        timed = {}
+        for name, step in steps.items():
+            step = _mapping(step, f"training.steps.{name}")
+            if name != "dense" and step.get("status") == "ok":
+                speedup = _speedup(step.get("speedup"), f"training.steps.{name}.speedup")
+                if speedup is not None:
+                    timed[str(name)] = speedup
+        backends = {name: speedup for name, speedup in timed.items() if name != "masked"}
+        chosen = max(backends.items(), key=lambda item: item[1]) if backends else (
+            ("masked", timed["masked"]) if "masked" in timed else None)
+        if chosen:
+            found.update(train_step_speedup=chosen[1], train_step_setting=_printable(chosen[0]))
+    flops = bench.get("flops")
+    if isinstance(flops, dict) and flops.get("ratio") is not None:
+        found["bench_flops_ratio"] = _speedup(flops["ratio"], "flops.ratio")
+    return found
+
+
+def _mapping(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Unusable(f"{BENCH_FILE}: {where} is not an object")
+    return value
+
+
+def _printable(name: str) -> str:
+    return name if name.isprintable() and len(name) <= 40 else "?"
+
+
+def _speedup(value, where: str) -> float | None:
+    if value is None:
+        return None  # not measured (a format the machine lacks)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise _Unusable(f"{BENCH_FILE}: {where}={_show(value)} is not a positive number")
+    return float(value)
 
 
 def _judge(final: dict, record: dict) -> tuple[str, str]:
@@ -469,20 +595,38 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_PROBLEM_CHARS else f"{text[:_MAX_PROBLEM_CHARS - 3]}..."
 
 
+def _jsonl_lines(path: Path) -> list[bytes]:
+    try:
+        read = read_capped(path)
+    except _Unusable:
+        read = None
+    return [] if read is None else read[0].splitlines()  # a run without the file still has its final numbers
+
+
 def load_curves(root: Path, runs: list[str]) -> pd.DataFrame:
-    """Test accuracy per evaluation of the given runs: columns run, epoch, test_acc."""
+    """Test accuracy and ITOP rate per evaluation of the given runs: columns run, epoch, test_acc, itop_rate."""
     rows = []
     for run in runs:
-        try:
-            read = read_capped(root / run / METRICS_FILE)
-        except _Unusable:
-            read = None
-        if read is None:
-            continue  # a run without curves still has its final numbers
-        for line in read[0].splitlines():
+        for line in _jsonl_lines(root / run / METRICS_FILE):
             try:
                 evaluation = json.loads(line)
-                rows.append((run, float(evaluation["epoch"]), float(evaluation["test_acc"])))
-            except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+                itop = evaluation.get("itop_rate")  # older runs log none
+                rows.append((run, float(evaluation["epoch"]), float(evaluation["test_acc"]),
+                             math.nan if itop is None else float(itop)))
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError, AttributeError):
                 continue  # torn, partial or junk line
-    return pd.DataFrame(rows, columns=["run", "epoch", "test_acc"])
+    return pd.DataFrame(rows, columns=["run", "epoch", "test_acc", "itop_rate"])
+
+
+def load_mask_updates(root: Path, runs: list[str]) -> pd.DataFrame:
+    """One row per mask-changing step of the given runs: run, step, epoch, moved (weights dropped + grown)."""
+    rows = []
+    for run in runs:
+        for line in _jsonl_lines(root / run / MASK_UPDATES_FILE):
+            try:
+                update = json.loads(line)
+                moved = sum(float(counts["dropped"]) + float(counts["grown"]) for counts in update["layers"].values())
+                rows.append((run, float(update["step"]), float(update["epoch"]), moved))
+            except (ValueError, KeyError, TypeError, OverflowError, RecursionError, AttributeError):
+                continue
+    return pd.DataFrame(rows, columns=["run", "step", "epoch", "moved"])
