@@ -122,6 +122,20 @@ class Progress(enum.Enum):
     none = "none"
 
 
+class Backend(enum.Enum):
+    """How prunable layers compute during training (sparse/backend.py)."""
+
+    masked = "masked"  # dense kernels on weights whose masked entries are zeros
+    sparse = "sparse"  # sparse kernels where they pay: same masks and metrics within fp tolerance
+
+
+class BackendLayers(enum.Enum):
+    """Which prunable layers `backend=sparse` puts on the sparse path."""
+
+    measured = "measured"  # timed once per run, dense against sparse, at the layer's final density
+    all = "all"  # every layer that can (tests, benchmarks)
+
+
 @dataclass
 class RunOptions:
     """Top-level keys (DESIGN.md CLI contract) and the trainer's own knobs."""
@@ -142,6 +156,8 @@ class RunOptions:
     dry_run: bool = False
     tensorboard: bool = False  # live scalars in <run dir>/tensorboard (needs the tensorboard extra)
     sparse_init: SparseInit = SparseInit.none  # rescale sparse layers' initial weights (sparse/initialisation.py)
+    backend: Backend = Backend.masked  # sparse: sparse kernels during training (sparse/backend.py)
+    backend_layers: BackendLayers = BackendLayers.measured
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 

@@ -34,12 +34,28 @@ LOCK_FILE = ".lock"
 MAX_FINAL_BYTES = 1 << 20  # a final.json is a few kB; anything larger is not one of ours
 
 # Keys that say where or how a run is shown, not what it computes.
-NON_SEMANTIC_KEYS = ("results_root", "exp", "progress", "num_workers", "paper", "dry_run", "tensorboard")
+NON_SEMANTIC_KEYS = (
+    "results_root", "exp", "progress", "num_workers", "paper", "dry_run", "tensorboard", "plugins", "rerun",
+)
 NON_SEMANTIC_DATASET_KEYS = ("data_dir", "download")
 
 
+# Keys added after results were first published, with the value that reproduces the earlier
+# behaviour: at that value they stay out of the hash, so adding such a key never moves the
+# directories of existing runs (they are still found, skipped or resumed). A new key whose
+# neutral value gives the old results belongs here.
+HASH_NEUTRAL = {"backend": "masked"}
+# Keys that only matter together with another one: left out while it has its neutral value.
+HASH_DEPENDENT = {"backend_layers": "backend"}
+
+
 def config_hash(resolved: Mapping) -> str:
-    semantic = {k: v for k, v in resolved.items() if k not in NON_SEMANTIC_KEYS}
+    semantic = {
+        k: v for k, v in resolved.items()
+        if k not in NON_SEMANTIC_KEYS
+        and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
+        and not (k in HASH_DEPENDENT and resolved.get(HASH_DEPENDENT[k]) == HASH_NEUTRAL[HASH_DEPENDENT[k]])
+    }
     if isinstance(semantic.get("dataset"), Mapping):
         semantic["dataset"] = {
             k: v for k, v in semantic["dataset"].items() if k not in NON_SEMANTIC_DATASET_KEYS

@@ -30,6 +30,7 @@ from sparsebench.live_log import TensorBoardLog
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
 from sparsebench.schedules import lr_at
+from sparsebench.sparse import backend as training_backend
 from sparsebench.sparse.allocation import layer_densities
 from sparsebench.sparse.flops import FlopCounter, layer_forward_flops
 from sparsebench.sparse.initialisation import rescale_for_sparsity
@@ -97,6 +98,7 @@ def build_run(cfg: Config, data: DatasetBundle | None = None, device: torch.devi
     model = create_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_options).to(device)
     d = cfg.distribution_options
     structure = d.sparsity_structure()  # N:M or blocks: every mask the engine installs follows it
+    training_backend.check(cfg)  # backend=sparse set-ups it cannot run: one line, before any directory
     try:
         engine = MaskedModel(model, d.dense_first, d.dense_last, d.dense_layers, structure)
     except ValueError as exc:
@@ -242,12 +244,15 @@ def _train_locked(run: Run, path: Path) -> None:
     bar = tqdm(total=total_steps, initial=state["step"], disable=not show_bar, unit="step", leave=False)
     flops_cache = (-1, False, 0.0)  # (engine version, dense grad?, per-example step FLOPs)
     started = time.perf_counter() - state["wall_time_s"]
+    backend = training_backend.create(run, state.get("backend"), log)  # per-layer paths; a resumed run keeps them
+    state["backend"] = backend.state_dict()
     model.train()
     for epoch in range(state["epoch"], o.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in train_loader(run, epoch):
             ctx.step = state["step"]
             method.before_step(ctx)
+            backend.begin_step(state["step"])
             lr = lr_at(
                 state["step"] - state["lr_origin"], state["lr_span"], cfg.optimizer_options.lr, cfg.schedule,
                 round(sched.warmup_epochs * run.steps_per_epoch),
@@ -305,6 +310,7 @@ def _train_locked(run: Run, path: Path) -> None:
         if not show_bar and (epoch + 1) % max(1, o.epochs // 8) == 0 or epoch + 1 == o.epochs:
             log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
                 f"sparsity {record['actual_sparsity']:.4f}")
+        backend.settle()  # the optimizer state is checkpointed as the masked backend would have it
         checkpoint.save(checkpoint_path, run, scaler, state)
     bar.close()
     if live_log:
@@ -366,6 +372,7 @@ def _summary(run: Run, state: dict, status: str) -> dict:
         "train_flops": state["train_flops"], "train_flops_dense": state["train_flops_dense"],
         "train_flops_ratio": state["train_flops"] / max(state["train_flops_dense"], 1.0),
         "wall_time_s": state["wall_time_s"],
+        **training_backend.summary(state.get("backend")),
     }
 
 

@@ -1,0 +1,147 @@
+"""A full training step under `backend=sparse` against the dense step, side by side in one run (not a test).
+
+    python benchmarks/bench_training_step.py [--cases mlp-0.9,mlp-0.95,resnet18-0.9] [--repeats 7]
+
+Each case builds three copies of one model from the same seed, each with the project's default
+optimizer (SGD, momentum 0.9, weight decay 5e-4, lr 0.1) and allocation (uniform; first and last
+layer dense, as `distribution=uniform` keeps them):
+
+* dense: no engine at all: forward, loss, backward, optimizer step;
+* masked: the trainer's step under `backend=masked` (MaskedModel + method `static` + finish_step:
+  gradients masked, optimizer step, masks re-applied);
+* sparse: the same step under `backend=sparse` (`sparsebench.sparse.backend.create`, as the
+  trainer calls it; `--layers measured` times every layer once first and logs the decisions,
+  `--layers all` forces every prunable layer onto the sparse path), with `begin_step` each step.
+
+The three steps are interleaved (dense, masked, sparse, dense, ...) so machine noise hits them
+alike, after warm-up; printed is, for masked and sparse, the median over repeats of (its step
+time / the dense step time of the same repeat), with the load average before and after (this
+machine is shared: only ratios are a verdict).
+
+Cases: `mlp-S`: the registered `mlp` model 3072 -> 4096 -> 4096 -> 4096 -> 10 (a CIFAR-sized
+input flattened; the two 4096x4096 layers are prunable, the first and last stay dense as
+`distribution=uniform` keeps them), batch 128, sparsity S. `resnet18-S`: torchvision ResNet-18
+with the CIFAR stem on 32x32 inputs, batch 64 (as benchmarks/bench_masking.py), sparsity S.
+Target (issue #10): CPU, linear-heavy model at s=0.95: sparse step <= 0.7x the dense step.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from sparsebench.config import Backend, BackendLayers
+from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
+from sparsebench.models import create_model
+from sparsebench.sparse import backend as training_backend
+from sparsebench.sparse.masked import MaskedModel
+from sparsebench.sparse.structure import StructureKind
+
+CASES = {
+    "mlp": dict(model="mlp", options={"hidden": [4096, 4096, 4096]}, input_shape=(3, 32, 32), batch=128),
+    "resnet18": dict(model="resnet18", options={"cifar_stem": True}, input_shape=(3, 32, 32), batch=64),
+}
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, seed: int = 0):
+    """(step function, backend object or None) for one copy of the case's model."""
+    torch.manual_seed(seed)
+    model = create_model(case["model"], case["input_shape"], 10, **case["options"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    if backend == "dense":
+        def dense_step(x, y):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return dense_step, None
+    engine = MaskedModel(model, dense_first=True, dense_last=True)
+    target = SparsityTarget(sparsity, "uniform", {n: 1.0 - sparsity for n in engine.names})
+    steps = 10**6
+    static = METHODS.get("static")
+    method = static(static.Options(), engine, target, steps, 100, torch.Generator().manual_seed(1))
+    ctx = StepContext(0, steps, 100, optimizer, optimizer.state.clear, lambda span: None, print)
+    method.start(ctx)
+    engine.pop_mask_events()
+    backend_object = training_backend.MaskedBackend()
+    if backend == "sparse":
+        cfg = SimpleNamespace(run=SimpleNamespace(backend=Backend.sparse, backend_layers=BackendLayers(layers),
+                                                  batch_size=batch, amp=False),
+                              distribution_options=SimpleNamespace(structure=StructureKind.unstructured))
+        run = SimpleNamespace(cfg=cfg, method=method, engine=engine, optimizer=optimizer, device=torch.device("cpu"),
+                              data=SimpleNamespace(input_shape=case["input_shape"]))
+        backend_object = training_backend.create(run, None, print)
+    counter = [0]
+
+    def trainer_step(x, y):  # the loop body of train._train_locked, without logging
+        ctx.step = counter[0]
+        method.before_step(ctx)
+        backend_object.begin_step(counter[0])
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        finish_step(method, engine, ctx, optimizer.step)
+        engine.pop_mask_events()
+        loss.item()
+        counter[0] += 1
+    return trainer_step, backend_object
+
+
+def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | None) -> dict:
+    case = CASES[name]
+    batch = batch or case["batch"]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *case["input_shape"]), generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    steps = {kind: build(case, sparsity, kind, layers, batch)[0] for kind in ("dense", "masked", "sparse")}
+    for _ in range(2):  # warm-up: allocator, optimizer state, MKL handles, the sparse index
+        for fn in steps.values():
+            fn(x, y)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    before = load()
+    for _ in range(repeats):
+        for kind, fn in steps.items():
+            times[kind].append(timed(lambda: fn(x, y)))
+    def paired(kind: str) -> float:  # median over repeats of (this step / the dense step of the same repeat)
+        return statistics.median(t / d for t, d in zip(times[kind], times["dense"]))
+
+    return {"case": f"{name} s={sparsity} batch {batch} layers={layers}",
+            "dense_ms": 1e3 * statistics.median(times["dense"]), "masked": paired("masked"), "sparse": paired("sparse"),
+            "load": f"{before} -> {load()}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="mlp-0.9,mlp-0.95,resnet18-0.9",
+                        help="comma-separated MODEL-SPARSITY, MODEL one of " + ", ".join(CASES))
+    parser.add_argument("--layers", default="measured", choices=["measured", "all"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=None, help="default: the case's (mlp 128, resnet18 64)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}, load average {load()}")
+    for spec in args.cases.split(","):
+        name, _, sparsity = spec.partition("-")
+        r = measure(name, float(sparsity), args.layers, args.repeats, args.batch)
+        print(f"{r['case']}: dense step {r['dense_ms']:.0f} ms; masked / dense {r['masked']:.3f}; "
+              f"sparse / dense {r['sparse']:.3f}   (median of {args.repeats} paired ratios, interleaved; "
+              f"load {r['load']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""`backend=sparse` (sparse/backend.py): the sparse layers compute what the masked layers compute,
+the active-values optimizer step leaves what torch's dense step leaves, whole runs give the same
+masks and metrics as `backend=masked`, and the per-layer decision is logged, stored and kept."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench import cli, results
+from sparsebench.sparse import backend as sb
+from sparsebench.sparse.masked import MaskedModel
+from sparsebench.sparse.powerprop import apply_powerprop
+
+# fp32: max |sparse - masked| <= TOL * max(1, max |masked|): summation order only (observed ~1e-6).
+TOL = 1e-5
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    scale = max(1.0, float(expected.abs().max()))
+    return float((actual.double() - expected.double()).abs().max()) / scale
+
+
+class Plan:
+    """A stand-in layer for one Function call: keeps the compact weight gradient it is given."""
+
+    def __init__(self, index, geometry, dense=False, compact=False, chunk=None):
+        self.index, self.geometry, self.chunk = index, geometry, chunk
+        self.grad = sb._Grad(dense=dense, compact=compact)
+        self.taken = None
+
+    def take(self, values, index):
+        self.taken = values
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(37, 23), (6, 37)),
+    "linear-3d": (lambda: nn.Linear(37, 23), (2, 3, 37)),
+    "conv1d": (lambda: nn.Conv1d(6, 8, 5, padding=2, stride=2), (3, 6, 17)),
+    "conv1d-same": (lambda: nn.Conv1d(6, 8, 4, padding="same", bias=False), (3, 6, 16)),
+    "conv2d": (lambda: nn.Conv2d(6, 8, 3, padding=1), (3, 6, 9, 7)),
+    "conv2d-strided": (lambda: nn.Conv2d(6, 8, (3, 2), stride=2, padding=(1, 2), dilation=(1, 2)), (3, 6, 11, 10)),
+}
+
+
+@pytest.mark.parametrize("mode", ["compact", "scatter", "dense"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_function_matches_the_masked_layer(kind, mode):
+    """Output, input gradient, weight gradient (active entries; every entry in dense mode) and bias gradient."""
+    torch.manual_seed(0)
+    make, shape = LAYERS[kind]
+    module = make()
+    mask = torch.rand(module.weight.shape) < 0.3
+    with torch.no_grad():
+        module.weight.mul_(mask)
+    index = sb.SparseIndex(mask)
+    geometry = None if isinstance(module, nn.Linear) else sb.ConvGeometry.of(module)
+    plan = Plan(index, geometry, dense=mode == "dense", compact=mode == "compact")
+    function = sb._SparseLinear if geometry is None else sb._SparseConv
+    x = torch.randn(shape)
+    xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    values = module.weight.detach().reshape(-1)[index.flat]
+    ys = function.apply(xs, module.weight, module.bias, values, plan)
+    ym = module(xm)
+    grad_y = torch.randn_like(ym)
+    inputs_s = [xs, module.weight] + ([module.bias] if module.bias is not None else [])
+    inputs_m = [xm, module.weight] + ([module.bias] if module.bias is not None else [])
+    gs = torch.autograd.grad(ys, inputs_s, grad_y, allow_unused=True)
+    gm = torch.autograd.grad(ym, inputs_m, grad_y)
+    assert ys.shape == ym.shape and rel_err(ys, ym) <= TOL
+    assert rel_err(gs[0], gm[0]) <= TOL
+    if mode == "dense":
+        assert rel_err(gs[1], gm[1]) <= TOL  # every entry: what RigL's grow score reads
+    elif mode == "scatter":
+        assert rel_err(gs[1], gm[1] * mask) <= TOL and bool((gs[1][~mask] == 0).all())
+    else:  # compact: no dense gradient at all, the active values handed to the layer
+        assert gs[1] is None
+        assert rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
+    if module.bias is not None:
+        assert rel_err(gs[2], gm[2]) <= TOL
+
+
+def test_sparse_output_takes_an_inplace_relu():
+    """The next layer's ReLU(inplace=True) modifies the Function's output (must not be a view)."""
+    torch.manual_seed(0)
+    module, mask = nn.Linear(8, 5), torch.rand(5, 8) < 0.5
+    index = sb.SparseIndex(mask)
+    x = torch.randn(4, 8, requires_grad=True)
+    y = sb._SparseLinear.apply(x, module.weight, module.bias, module.weight.detach().reshape(-1)[index.flat],
+                               Plan(index, None, compact=True))
+    F.relu(y, inplace=True).sum().backward()
+    assert x.grad is not None
+
+
+def test_unsupported_convs_are_named():
+    assert "groups=2" in sb.conv_problem(nn.Conv2d(4, 4, 3, groups=2))
+    assert "padding_mode=reflect" in sb.conv_problem(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    assert "Conv3d" in sb.conv_problem(nn.Conv3d(2, 2, 3))
+    assert sb.conv_problem(nn.Conv2d(4, 4, 3)) is None
+
+
+# ------------------------------------------------------------------------------ whole models, in-process
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True),
+                         nn.Linear(32, 4))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, dampening=0.0),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-3),
+    "adamw-amsgrad": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05, amsgrad=True),
+}
+
+
+class Twin:
+    """One model trained under one backend by the trainer's step order (hooks of a method elided)."""
+
+    def __init__(self, make, make_optimizer, backend: bool, density=0.3, powerprop=1.0, dense_steps=()):
+        torch.manual_seed(0)
+        self.model = make()
+        self.engine = MaskedModel(self.model)
+        if powerprop != 1.0:
+            apply_powerprop(self.model, self.engine.names, powerprop)
+            self.engine = MaskedModel(self.model)
+        self.optimizer = make_optimizer(self.model.parameters())
+        densities = {n: density for n in self.engine.names}
+        self.engine.set_masks(self.engine.random_masks(densities, torch.Generator().manual_seed(1)), densities,
+                              self.optimizer)
+        self.backend = sb.MaskedBackend()
+        if backend:
+            decisions = sb.decide(self.engine, densities, (), 0, torch.device("cpu"), sb.ALL)
+            self.backend = sb.SparseBackend(self.engine, self.optimizer, decisions, lambda step: step in dense_steps)
+        self.steps = 0
+
+    def step(self, x, y) -> float:
+        self.backend.begin_step(self.steps)
+        loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.engine.mask_gradients()
+        self.optimizer.step()
+        self.engine.apply_masks()
+        self.steps += 1
+        return loss.item()
+
+    def state(self) -> dict:
+        self.backend.settle()
+        out = {f"param:{n}": p.detach().clone() for n, p in self.model.named_parameters()}
+        for p, s in self.optimizer.state.items():
+            name = next(n for n, q in self.model.named_parameters() if q is p)
+            out.update({f"{k}:{name}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
+        return out
+
+
+def assert_same(a: Twin, b: Twin) -> None:
+    sa, sb_ = a.state(), b.state()
+    assert sa.keys() == sb_.keys()
+    for key in sa:
+        assert rel_err(sb_[key], sa[key]) <= 1e-4, key  # a few steps of fp differences
+
+
+def batches(shape, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn((16, *shape), generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_active_values_optimizer_step_leaves_what_the_dense_step_leaves(optimizer):
+    """Parameters and the whole optimizer state, masked entries included, after steps, a dense-gradient
+    step, a regrowth that keeps optimizer state (DPF, AC/DC reset_momentum=none) and one that resets it."""
+    masked, sparse = (Twin(mlp, OPTIMIZERS[optimizer], backend, dense_steps={4}) for backend in (False, True))
+    data = batches((12,), 12)
+    for x, y in data[:6]:
+        assert masked.step(x, y) == pytest.approx(sparse.step(x, y), rel=1e-5)
+    # compact updates touched only active entries: masked weights are still exactly zero
+    for t in sparse.engine.tensors.values():
+        assert bool((t.param[~t.mask] == 0).all())
+    for twin in (masked, sparse):  # grow everything back with the optimizer state kept, then re-prune
+        names = twin.engine.names
+        twin.engine.grow_dense(names, optimizer=None)
+    for x, y in data[6:8]:
+        masked.step(x, y), sparse.step(x, y)
+    for twin in (masked, sparse):
+        densities = {n: 0.25 for n in twin.engine.names}
+        twin.engine.set_masks(twin.engine.magnitude_masks(densities), densities, twin.optimizer)
+    for x, y in data[8:]:
+        masked.step(x, y), sparse.step(x, y)
+    assert_same(masked, sparse)
+    assert masked.engine.masks().keys() == sparse.engine.masks().keys()
+    assert all(torch.equal(masked.engine.masks()[n], sparse.engine.masks()[n]) for n in masked.engine.names)
+
+
+def test_reset_optimizer_clears_the_compact_state_too():
+    masked, sparse = (Twin(mlp, OPTIMIZERS["sgd"], backend) for backend in (False, True))
+    data = batches((12,), 6)
+    for i, (x, y) in enumerate(data):
+        if i == 3:
+            masked.optimizer.state.clear(), sparse.optimizer.state.clear()  # ctx.reset_optimizer
+        masked.step(x, y), sparse.step(x, y)
+    assert_same(masked, sparse)
+
+
+def test_conv_model_and_powerprop_train_alike():
+    for make, shape, powerprop in ((cnn, (2, 6, 6), 1.0), (mlp, (12,), 2.0)):
+        masked, sparse = (Twin(make, OPTIMIZERS["sgd"], b, powerprop=powerprop, dense_steps={2}) for b in (False, True))
+        for x, y in batches(shape, 5):
+            assert masked.step(x, y) == pytest.approx(sparse.step(x, y), rel=1e-5)
+        assert_same(masked, sparse)
+
+
+def test_layers_run_sparse_only_while_sparse_enough():
+    twin = Twin(mlp, OPTIMIZERS["sgd"], True)
+    layer = next(iter(twin.backend.layers.values()))
+    layer.decision.max_density = 0.5
+    assert layer.on_sparse_path()  # density 0.3
+    twin.engine.grow_dense([layer.name], twin.optimizer)
+    assert not layer.on_sparse_path()  # dense now: the masked path
+    layer.decision.max_density = 0.2
+    densities = {layer.name: 0.3}
+    twin.engine.set_masks(twin.engine.magnitude_masks(densities), densities, twin.optimizer)
+    assert not layer.on_sparse_path()  # above its crossover
+
+
+def test_remove_restores_the_layers():
+    twin = Twin(mlp, OPTIMIZERS["sgd"], True)
+    x, _ = batches((12,), 1)[0]
+    before = twin.model(x)
+    twin.backend.remove()
+    assert all("forward" not in m.__dict__ for m in twin.model.modules())
+    assert rel_err(twin.model(x), before) <= TOL
+
+
+# ------------------------------------------------------------------------------ the CLI
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob(results.CONFIG_FILE))
+
+
+MLP_RUN = ["train", "model=mlp", "model.hidden=[128,128,128]", "epochs=4", "dataset.num_samples=2000", "batch_size=64",
+           "progress=none"]
+
+
+def the_run(root: Path) -> tuple[Path, dict]:
+    (run,) = run_dirs(root)
+    return run, json.loads((run / results.FINAL_FILE).read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [["method=static"], ["method=gmp", "method.frequency=10"],
+                                    ["method=rigl", "method.delta_t=10"]], ids=lambda m: m[0].split("=")[1])
+def test_same_run_under_both_backends_gives_the_same_masks_and_metrics(method, tmp_path):
+    """A linear-heavy model with every prunable layer forced onto the sparse path."""
+    for backend in ("masked", "sparse"):
+        args = [*MLP_RUN, *method, f"backend={backend}", "backend_layers=all", f"results_root={tmp_path / backend}"]
+        assert cli.main(args) == 0
+    (ra, fa), (rb, fb) = the_run(tmp_path / "masked"), the_run(tmp_path / "sparse")
+    assert fa["backend"] == "masked" and fb["backend"] == "sparse"
+    assert fb["sparse_layers"] == ["3.weight", "5.weight"]
+    assert fa["layer_densities"] == fb["layer_densities"] and fa["actual_sparsity"] == fb["actual_sparsity"]
+    assert fa["itop_rate"] == fb["itop_rate"] and fa["train_flops"] == fb["train_flops"]
+    assert results.read_jsonl(ra / results.MASK_UPDATES_FILE) == results.read_jsonl(rb / results.MASK_UPDATES_FILE)
+    if method[0] != "method=static":
+        assert results.read_jsonl(ra / results.MASK_UPDATES_FILE)  # masks did change
+    ma, mb = torch.load(ra / results.MODEL_FILE), torch.load(rb / results.MODEL_FILE)
+    assert all(torch.equal(ma[k] == 0, mb[k] == 0) for k in ma)  # the same zero pattern
+    assert all(rel_err(mb[k], ma[k]) <= 1e-4 for k in ma)
+    one_example = 100.0 / 400  # 2000 samples, 400 held out for testing
+    for a, b in zip(results.read_jsonl(ra / results.METRICS_FILE), results.read_jsonl(rb / results.METRICS_FILE)):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+        assert abs(b["test_acc"] - a["test_acc"]) <= one_example + 1e-9
+        assert b["weights_changed"] == a["weights_changed"]
+
+
+@pytest.mark.slow
+def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, capsys):
+    # Timing is machine noise: fixed measurements make the decisions (and this test) deterministic.
+    monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None))
+    args = [*MLP_RUN, "epochs=3", "method=gmp", "method.frequency=10", "backend=sparse", "backend_layers=measured"]
+    assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
+    out = capsys.readouterr().out
+    for name in ("3.weight", "5.weight"):  # final density 0.1: sparse while density <= 0.1 * 10 / 4
+        assert f"backend sparse: {name}: final density 0.1000: sparse 4.00 ms vs masked 10.00 ms" in out
+        assert "-> sparse path while density <= 0.2500" in out
+    whole, final = the_run(tmp_path / "whole")
+    assert final["backend"] == "sparse" and final["backend_layers"] == "measured"
+    assert final["sparse_layers"] == ["3.weight", "5.weight"]
+    assert final["backend_decisions"]["3.weight"]["max_density"] == pytest.approx(0.25)
+
+    calls = {"n": 0}
+    real_save = results.atomic_torch_save
+
+    def crash_on_second_checkpoint(path, obj):
+        if path.name == results.CHECKPOINT_FILE:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(results, "atomic_torch_save", crash_on_second_checkpoint)
+    try:
+        assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) != 0  # interrupted after epoch 2's metrics
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+    (killed,) = run_dirs(tmp_path / "killed")
+    assert not (killed / results.FINAL_FILE).exists() and (killed / results.CHECKPOINT_FILE).exists()
+
+    def no_measuring(*_, **__):
+        raise AssertionError("a resumed run must not measure again")
+
+    monkeypatch.setattr(sb, "probe", no_measuring)
+    capsys.readouterr()
+    assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) == 0
+    assert "backend sparse: resumed with 2 of 2 prunable layers on the sparse path" in capsys.readouterr().out
+    killed, resumed = the_run(tmp_path / "killed")
+    for key in ("test_acc", "best_test_acc", "test_loss", "actual_sparsity", "itop_rate", "train_flops",
+                "layer_densities", "backend_decisions", "sparse_layers"):
+        assert resumed[key] == final[key], key
+    sa, sb_ = torch.load(whole / results.MODEL_FILE), torch.load(killed / results.MODEL_FILE)
+    assert all(torch.equal(sa[k], sb_[k]) for k in sa)  # bit-identical to the uninterrupted run
+
+
+def test_the_backend_is_part_of_the_run_directory():
+    """Masked and sparse runs of one config agree only within fp tolerance: two directories."""
+    resolved = {"sparsity": 0.9, "seed": 0, "results_root": "r", "exp": "e", "method": {"name": "gmp"},
+                "model": {"name": "mlp"}, "dataset": {"name": "mnist1d"}, "backend_layers": "measured"}
+    assert results.run_dir({**resolved, "backend": "masked"}) != results.run_dir({**resolved, "backend": "sparse"})
+
+
+BAD_BACKEND = {
+    ("backend=fast",): "backend='fast': expected one of masked, sparse",
+    ("backend=sparse", "backend_layers=some"): "backend_layers='some': expected one of measured, all",
+    ("backend=sparse", "distribution.structure=nm", "sparsity=0.5", "method=static", "device=cpu"):
+        "backend=sparse with distribution.structure=nm: 2:4 sparse kernels need CUDA",
+}
+
+
+@pytest.mark.parametrize("overrides", list(BAD_BACKEND), ids=lambda o: o[-1] if len(o) < 3 else "nm-on-cpu")
+def test_bad_backend_values_are_one_line_before_any_directory(overrides, tmp_path, capsys):
+    code = cli.main(["train", *overrides, f"results_root={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and BAD_BACKEND[overrides] in err, err
+    assert not any(tmp_path.iterdir())
