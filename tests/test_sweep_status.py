@@ -1,0 +1,60 @@
+"""sparsebench status: done, diverged, running, resumable, restart and missing runs, without training."""
+import fcntl
+import json
+
+from sparsebench import cli, results, sweep_status
+
+TINY = ["method=static", "epochs=2", "dataset.num_samples=400", "progress=none"]
+
+
+def test_status_of_a_tree_and_of_a_planned_sweep(tmp_path, capsys, monkeypatch):
+    root = f"results_root={tmp_path}"
+    assert cli.main(["train", *TINY, "seed=0", root]) == 0
+    done = sweep_status.planned_runs([*TINY, "seed=0", root])[0]
+
+    real_save, calls = results.atomic_torch_save, {"n": 0}
+
+    def interrupt_on_second_checkpoint(path, obj):
+        if path.name == results.CHECKPOINT_FILE:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(results, "atomic_torch_save", interrupt_on_second_checkpoint)
+    assert cli.main(["train", *TINY, "seed=1", root]) == 130
+    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+
+    restart = sweep_status.planned_runs([*TINY, "seed=2", root])[0]
+    restart.mkdir(parents=True)
+    (restart / results.CONFIG_FILE).write_text("seed: 2\n")
+    running = sweep_status.planned_runs([*TINY, "seed=3", root])[0]
+    running.mkdir(parents=True)
+    (running / results.CONFIG_FILE).write_text("seed: 3\n")
+    diverged = sweep_status.planned_runs([*TINY, "seed=4", root])[0]
+    diverged.mkdir(parents=True)
+    (diverged / results.CONFIG_FILE).write_text("seed: 4\n")
+    (diverged / results.FINAL_FILE).write_text(json.dumps({"status": "diverged", "diverged_at_step": 7}))
+    capsys.readouterr()
+
+    with open(running / results.LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process training it
+        assert sweep_status.main([str(tmp_path)]) == 0
+        tree = capsys.readouterr().out
+        assert sweep_status.main(["-m", *TINY, "seed=0,1,2,3,4,5", root]) == 0
+        planned = capsys.readouterr().out
+    lines = {line.split()[1]: line.split()[0] for line in tree.splitlines()[:-1]}
+    assert lines[str(done)] == "done" and lines[str(restart)] == "restart"
+    assert lines[str(running)] == "running" and lines[str(diverged)] == "diverged"
+    assert sum(state == "resumable" for state in lines.values()) == 1
+    assert tree.splitlines()[-1] == "5 runs: 1 done, 1 diverged, 1 running, 1 resumable, 1 restart; " \
+                                    "a relaunch trains 1, resumes 1 and skips 2"
+    assert planned.splitlines()[-1].startswith("6 runs: 1 done, 1 diverged, 1 running, 1 resumable, 1 restart, 1 missing")
+    assert not (tmp_path / "default" / ".multirun").exists()  # nothing was launched or written
+
+
+def test_status_errors_are_one_line(tmp_path, capsys):
+    assert sweep_status.main([str(tmp_path / "nowhere")]) == 2
+    assert sweep_status.main(["-m", "sparsty=0.9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is not a directory" in err[0] and "unknown key 'sparsty'" in err[1]
