@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparsebench import interrupts
+from sparsebench import interrupts, results
 from sparsebench.errors import RunInterrupted, UserError
 
 USAGE = """usage: sparsebench <command> [arguments]
@@ -36,6 +36,11 @@ commands:
                       sparsebench train -m method=gap,gmp,static seed=0,1,2
                       sparsebench train --cfg job        (show the composed config)
   report PATH         tables and plots from a results tree
+  export RUN_DIR --format csr|bsr|semi_structured [--block N] [--out PATH]
+                      a finished run's model as real torch sparse tensors
+  bench RUN_DIR       dense against every available sparse backend: latency,
+                      throughput, a training step, memory, bytes on disk
+  bench model=mlp sparsity=0.9 [distribution.structure=block]   (no run needed)
 
 `sparsebench train --help` lists the config groups and their options."""
 
@@ -266,6 +271,8 @@ def prevalidate(args: list[str]) -> None:
             check_results_root(config.run.results_root)
             checked_roots.add(config.run.results_root)
         build_key = json.dumps({k: v for k, v in resolved.items() if k != "seed"}, sort_keys=True, default=str)
+        if not config.run.rerun and results.is_complete(results.run_dir(resolved)):
+            continue  # a finished run is skipped by the job without being built: no dry build either
         if build_key not in built:
             check_run(config, data_cache)
             built.add(build_key)
@@ -318,12 +325,20 @@ def main(argv: list[str] | None = None) -> int:
                 from sparsebench.report import main as report_main
 
                 return report_main(rest)
+            if command == "export":
+                from sparsebench.export import main as export_main
+
+                return export_main(rest)
+            if command == "bench":
+                from sparsebench.bench import main as bench_main
+
+                return bench_main(rest)
         except (KeyboardInterrupt, interrupts.Terminated) as exc:  # outside a run's training loop
             code = interrupts.exit_code(exc)
             print(f"sparsebench {command}: interrupted ({interrupts.signal_name(exc)}); nothing was left half-written",
                   file=sys.stderr)
             return code
-    return fail(command, f"unknown command {command!r}; commands: train, report")
+    return fail(command, f"unknown command {command!r}; commands: train, report, export, bench")
 
 
 def entry_point() -> None:

@@ -158,6 +158,7 @@ class RunOptions:
     sparse_init: SparseInit = SparseInit.none  # rescale sparse layers' initial weights (sparse/initialisation.py)
     backend: Backend = Backend.masked  # sparse: sparse kernels during training (sparse/backend.py)
     backend_layers: BackendLayers = BackendLayers.measured
+    rerun: bool = False  # true: train a completed run again (after a code change); its old results are replaced
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 

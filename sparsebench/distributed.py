@@ -99,7 +99,7 @@ def check_masks(masks: dict[str, torch.Tensor], processes: Processes) -> None:
 
 
 def agree(flag: bool, processes: Processes) -> bool:
-    """True only if every rank says True (e.g. 'the run is already complete')."""
+    """True only if every rank says True (a loss that is finite everywhere, a run claimed by rank 0)."""
     if not processes.active:
         return flag
     value = torch.tensor([1 if flag else 0])
@@ -107,12 +107,35 @@ def agree(flag: bool, processes: Processes) -> bool:
     return bool(value.item())
 
 
+def agree_any(flag: bool, processes: Processes) -> bool:
+    """True if any rank says True (a mask changed somewhere: every rank then checks its masks)."""
+    if not processes.active:
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def sum_over_ranks(values: list[float], processes: Processes) -> list[float]:
+    """Per-rank epoch sums (loss, hits, samples) added up, so logged training metrics are the global batch's."""
+    if not processes.active:
+        return values
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 def barrier(processes: Processes) -> None:
     if processes.active:
         dist.barrier()
 
 
-def check_batch(batch_size: int, processes: Processes) -> None:
-    if processes.active and batch_size < processes.world_size:
-        raise UserError(f"batch_size={batch_size} is the global batch; it must be at least the number of "
+def check(cfg, processes: Processes) -> None:
+    """What a multi-process run cannot do, as one line before any directory exists."""
+    if not processes.active:
+        return
+    if cfg.run.batch_size < processes.world_size:
+        raise UserError(f"batch_size={cfg.run.batch_size} is the global batch; it must be at least the number of "
                         f"processes ({processes.world_size})")
+    if cfg.run.backend.value != "masked":
+        raise UserError(f"backend={cfg.run.backend.value} runs in one process; under torchrun use backend=masked")

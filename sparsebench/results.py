@@ -209,6 +209,16 @@ def run_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def clear_run(path: Path) -> None:
+    """Forget a run's results before training it again (`rerun=true`): final.json first, so the
+    directory is never a complete-looking mix of old and new files."""
+    (Path(path) / FINAL_FILE).unlink(missing_ok=True)
+    for name in (CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, MASK_UPDATES_FILE, "bench.json"):
+        (Path(path) / name).unlink(missing_ok=True)
+    for artifact in Path(path).glob("*.pt"):  # method artifacts (AC/DC's model_dense.pt), exports
+        artifact.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Temporary files of atomic writes that a killed process never renamed."""
     for tmp in Path(path).glob(".*.tmp"):

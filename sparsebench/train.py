@@ -8,8 +8,10 @@ order is a function of (seed, epoch) so the resumed epochs see the same batches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -22,13 +24,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from sparsebench import checkpoint, dry_run, interrupts, results
+from sparsebench import checkpoint, distributed, dry_run, interrupts, results
 from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import RunInterrupted, UserError
 from sparsebench.live_log import TensorBoardLog
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
+from sparsebench.provenance import provenance
 from sparsebench.schedules import lr_at
 from sparsebench.sparse import backend as training_backend
 from sparsebench.sparse.allocation import layer_densities
@@ -39,7 +42,8 @@ from sparsebench.sparse.powerprop import apply_powerprop, export_state_dict
 
 
 def log(message: str) -> None:
-    tqdm.write(message, file=sys.stdout)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for every rank
+        tqdm.write(message, file=sys.stdout)
 
 
 def seed_everything(seed: int) -> None:
@@ -171,27 +175,27 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
 
 def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     """Train one run into its directory; returns the directory. Skips a completed run."""
+    processes = distributed.from_environment(cfg.run.device.value)  # torchrun: several ranks, one run
+    path = results.run_dir(resolved)
+    if not cfg.run.dry_run and not cfg.run.rerun and distributed.agree(results.is_complete(path), processes):
+        log(f"already complete, skipped: {path}")  # before building anything: a done sweep relaunches fast
+        return path
     run = build_run(cfg)  # every user error surfaces here, before any directory exists
+    distributed.check(cfg, processes)
     if cfg.run.dry_run:
         dry_run.describe(run, log)
         return None
-    path = results.run_dir(resolved)
-    if results.is_complete(path):
-        log(f"already complete, skipped: {path}")
-        return path
-    results.create_run_dir(path)
-    with results.run_lock(path) as locked:
-        if not locked:
-            log(f"another process is training this run, skipped: {path}")
+    with contextlib.ExitStack() as held:
+        claimed = True
+        if processes.writer:  # rank 0 alone creates, locks and writes the directory
+            results.create_run_dir(path)
+            claimed = held.enter_context(results.run_lock(path)) and _claim(path, config_yaml, cfg.run.rerun)
+        if not distributed.agree(claimed, processes):
+            log(f"another process is training this run or has just finished it, skipped: {path}")
             return path
-        if results.is_complete(path):  # finished by another process since the check above
-            return path
-        results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
-        results.remove_stale_temporaries(path)
-        (path / results.FINAL_FILE).unlink(missing_ok=True)  # unreadable, so not a result: redone
         try:
             with interrupts.signals_as_exceptions():
-                _train_locked(run, path)
+                _train_locked(run, path, processes)
         except OSError as exc:  # full disk, vanished directory: final.json is absent, so not a result
             raise UserError(f"cannot write to run directory {path}: {exc.strerror or exc}") from None
         except (KeyboardInterrupt, interrupts.Terminated) as exc:
@@ -204,9 +208,22 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     return path
 
 
-def _train_locked(run: Run, path: Path) -> None:
+def _claim(path: Path, config_yaml: str, rerun: bool) -> bool:
+    """Under the run's lock: False if another process finished it meanwhile, else prepare it."""
+    if results.is_complete(path) and not rerun:
+        return False
+    if rerun:
+        results.clear_run(path)
+    results.atomic_write_text(path / results.CONFIG_FILE, config_yaml)
+    results.remove_stale_temporaries(path)
+    (path / results.FINAL_FILE).unlink(missing_ok=True)  # unreadable, so not a result: redone
+    return True
+
+
+def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> None:
     cfg, model, engine, method, device = run.cfg, run.model, run.engine, run.method, run.device
     o, sched = cfg.run, cfg.schedule_options
+    writes = processes.writer  # every rank trains; rank 0 alone writes the run's files
     total_steps = o.epochs * run.steps_per_epoch
     counter = FlopCounter(layer_forward_flops(model, run.data.input_shape))
     use_amp = o.amp and device.type == "cuda"
@@ -223,29 +240,39 @@ def _train_locked(run: Run, path: Path) -> None:
     def restart_lr(span: int) -> None:
         state["lr_origin"], state["lr_span"] = state["step"], span
 
-    ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log)
+    def first_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(iter(train_loader(run, 0)))
+        return x.to(device), y.to(device)
+
+    ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log, first_batch)
     checkpoint_path = path / results.CHECKPOINT_FILE
     if checkpoint_path.is_file():
         state.update(checkpoint.load(checkpoint_path, run, scaler))
-        results.truncate_jsonl(path / results.METRICS_FILE, "epoch", state["epoch"])
-        results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"] - 1)  # logged during that step
+        if writes:
+            results.truncate_jsonl(path / results.METRICS_FILE, "epoch", state["epoch"])
+            results.truncate_jsonl(path / results.MASK_UPDATES_FILE, "step", state["step"] - 1)  # logged in that step
         log(f"resuming {path} from epoch {state['epoch']}")
     else:
-        (path / results.METRICS_FILE).unlink(missing_ok=True)
-        (path / results.MASK_UPDATES_FILE).unlink(missing_ok=True)
+        if writes:
+            (path / results.METRICS_FILE).unlink(missing_ok=True)
+            (path / results.MASK_UPDATES_FILE).unlink(missing_ok=True)
         method.start(ctx)
         rescale_for_sparsity(engine, o.sparse_init)
         engine.start_exploration_count()
         engine.pop_mask_events()  # the initial masks are not an update
+        log(f"{len(method.mask_update_steps())} mask updates planned in {total_steps} steps")
+        if method.schedule_warning():
+            log(method.schedule_warning())
     masks_at_last_eval = engine.masks()
 
-    live_log = TensorBoardLog(path) if o.tensorboard else None
+    live_log = TensorBoardLog(path) if o.tensorboard and writes else None
     show_bar = o.progress is Progress.bar or (o.progress is Progress.auto and sys.stderr.isatty())
     bar = tqdm(total=total_steps, initial=state["step"], disable=not show_bar, unit="step", leave=False)
     flops_cache = (-1, False, 0.0)  # (engine version, dense grad?, per-example step FLOPs)
     started = time.perf_counter() - state["wall_time_s"]
     backend = training_backend.create(run, state.get("backend"), log)  # per-layer paths; a resumed run keeps them
     state["backend"] = backend.state_dict()
+    net = distributed.wrap(model, processes, device)  # DistributedDataParallel under torchrun
     model.train()
     for epoch in range(state["epoch"], o.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
@@ -260,34 +287,41 @@ def _train_locked(run: Run, path: Path) -> None:
             )
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = len(y)  # the global batch; each rank trains on its share
+            x, y = processes.shard(x).to(device, non_blocking=True), processes.shard(y).to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
-            if not torch.isfinite(loss):
-                _write_diverged(path, run, state, started)
+            if not distributed.agree(bool(torch.isfinite(loss)), processes):
+                if writes:
+                    _write_diverged(path, run, state, started)
                 bar.close()
                 if live_log:
                     live_log.close()
                 log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss * processes.loss_scale(len(y), batch)).backward()
             finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
+            if distributed.agree_any(bool(engine.mask_events), processes):
+                distributed.check_masks(engine.masks(), processes)  # every rank holds rank 0's masks
             if engine.mask_events:
-                log_mask_update(path, state["step"], epoch + 1, engine.pop_mask_events())
+                events = engine.pop_mask_events()
+                if writes:
+                    log_mask_update(path, state["step"], epoch + 1, events)
 
             dense_grad = method.dense_weight_grad(state["step"])
             if flops_cache[:2] != (engine.version, dense_grad):
                 flops_cache = (engine.version, dense_grad, counter.train_step(engine.densities(), dense_grad))
-            state["train_flops"] += flops_cache[2] * len(y)
-            state["train_flops_dense"] += counter.dense_train_step() * len(y)
+            state["train_flops"] += flops_cache[2] * batch  # counted once, for the global batch
+            state["train_flops_dense"] += counter.dense_train_step() * batch
             state["step"] += 1
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             bar.update()
 
+        loss_sum, correct, seen = distributed.sum_over_ranks([loss_sum, correct, seen], processes)
         test_loss, test_acc, ece = evaluate(run)
         state["last_eval"] = {"test_loss": test_loss, "test_acc": test_acc, "ece": ece}
         state["epoch"] = epoch + 1
@@ -303,7 +337,8 @@ def _train_locked(run: Run, path: Path) -> None:
             "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
             "weights_changed": changed, "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
-        results.append_jsonl(path / results.METRICS_FILE, record)
+        if writes:
+            results.append_jsonl(path / results.METRICS_FILE, record)
         if live_log:
             live_log.write(record)
         bar.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.2f}")
@@ -311,16 +346,22 @@ def _train_locked(run: Run, path: Path) -> None:
             log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
                 f"sparsity {record['actual_sparsity']:.4f}")
         backend.settle()  # the optimizer state is checkpointed as the masked backend would have it
-        checkpoint.save(checkpoint_path, run, scaler, state)
+        if writes:
+            checkpoint.save(checkpoint_path, run, scaler, state)
+        distributed.barrier(processes)  # no rank starts an epoch its peers could not resume from
     bar.close()
     if live_log:
         live_log.close()
+    if not writes:
+        return
 
     results.atomic_torch_save(path / results.MODEL_FILE, export_state_dict(model))
     for name, artifact in method.artifacts().items():
         results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
+    final.update(inference_flops=counter.forward(engine.densities()), inference_flops_dense=counter.dense_forward,
+                 world_size=processes.world_size, provenance=provenance(device, processes.world_size))
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
     at_chance = final["test_acc"] <= final["chance_acc"] + CHANCE_MARGIN

@@ -58,6 +58,10 @@ class StepContext:
     reset_optimizer: Callable[[], None]  # forget all optimizer state (a fresh run's optimizer)
     restart_lr: Callable[[int], None]  # restart the LR schedule over the next n steps
     log: Callable[[str], None]
+    # The first training batch (inputs, labels) on the run's device, for methods that score
+    # weights on data before the first step (prune-at-init: SNIP, GraSP, SynFlow); None in
+    # harnesses without data.
+    first_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Several processes for one run (torchrun, gloo on CPU): one directory, rank 0 writes, identical
+masks on every rank, the final.json contract of a single-process run, resume."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsebench import cli, distributed, results
+
+TINY = ["method=rigl", "method.delta_t=2", "epochs=3", "dataset.num_samples=600", "progress=none"]
+
+
+def _isolated_network() -> str | None:
+    """torchrun's rendezvous store listens on every interface; the tests run it in a network
+    namespace of their own whose only interface is loopback. None if one can be made."""
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "unshare or ip missing"
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"cannot make a network namespace: {probe.stderr.strip()}"
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    reason = _isolated_network()
+    if reason:
+        pytest.skip(reason)
+    command = " ".join([
+        "ip link set lo up &&", "exec", sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+        f"--nproc_per_node={nproc}", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
+        "-m", "sparsebench", "train", *(f"'{a}'" for a in args),
+    ])
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["unshare", "-n", "sh", "-c", command], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_one_run_with_the_single_process_contract(tmp_path):
+    proc = torchrun([*TINY, f"results_root={tmp_path / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p.parent for p in (tmp_path / "ddp").rglob(results.CONFIG_FILE)]
+    assert len(runs) == 1  # one run directory, not one per rank
+    run = runs[0]
+    final = json.loads((run / results.FINAL_FILE).read_text())
+    assert final["world_size"] == 2 and final["provenance"]["world_size"] == 2
+    assert final["actual_sparsity"] == pytest.approx(0.9, abs=1e-4)  # exact per-layer counts: 1229 of 12288
+    assert proc.stdout.count("done: test_acc") == 1  # rank 0 speaks for both
+    assert [m["epoch"] for m in results.read_jsonl(run / results.METRICS_FILE)] == [1, 2, 3]
+    assert len(results.read_jsonl(run / results.MASK_UPDATES_FILE)) == 4  # masks changed (steps 2, 4, 6, 8) and were checked
+
+    assert cli.main(["train", *TINY, f"results_root={tmp_path / 'single'}"]) == 0
+    (single,) = [p.parent for p in (tmp_path / "single").rglob(results.FINAL_FILE)]
+    single_final = json.loads((single / results.FINAL_FILE).read_text())
+    assert set(single_final) == set(final) and single_final["world_size"] == 1
+    assert final["steps"] == single_final["steps"]  # batch_size is the global batch
+    assert final["train_flops"] == pytest.approx(single_final["train_flops"])  # counted once, not per rank
+    assert single.name == run.name  # the same config: the same directory, whatever the world size
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_one_process_resumes_under_torchrun(tmp_path, monkeypatch):
+    args = [*TINY, "epochs=4", f"results_root={tmp_path}"]
+    real_save, calls = results.atomic_torch_save, {"n": 0}
+
+    def interrupt_on_third_checkpoint(path, obj):
+        if path.name == results.CHECKPOINT_FILE:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(results, "atomic_torch_save", interrupt_on_third_checkpoint)
+    assert cli.main(["train", *args]) == 130
+    monkeypatch.undo()
+    proc = torchrun(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from epoch 2" in proc.stdout
+    (run,) = [p.parent for p in tmp_path.rglob(results.FINAL_FILE)]
+    assert [m["epoch"] for m in results.read_jsonl(run / results.METRICS_FILE)] == [1, 2, 3, 4]
+
+
+def _ranks_compare_masks(rank: int, store: str, outcome: dict) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        processes = distributed.Processes(rank, 2, rank)
+        same = {"a": torch.tensor([True, False, True])}
+        distributed.check_masks(same, processes)  # equal: passes on both
+        differs = {"a": torch.tensor([True, False, rank == 0])}
+        try:
+            distributed.check_masks(differs, processes)
+            outcome[rank] = "passed"
+        except RuntimeError as exc:
+            outcome[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_masks_differ_from_rank_0_stops(tmp_path):
+    outcome = mp.Manager().dict()
+    mp.spawn(_ranks_compare_masks, args=(str(tmp_path / "store"), outcome), nprocs=2)
+    assert outcome[0] == "passed"
+    assert outcome[1] == "rank 1: mask of a differs from rank 0's after a mask update"
+
+
+def test_loss_scale_makes_ranks_average_the_global_mean():
+    # 5 samples over 2 ranks: shares of 3 and 2. DDP averages the ranks' gradients, so each
+    # rank's mean loss is scaled by local * world / total.
+    p0, p1 = distributed.Processes(0, 2, 0), distributed.Processes(1, 2, 1)
+    x = torch.arange(5.0)
+    assert torch.equal(p0.shard(x), torch.tensor([0.0, 1.0, 2.0])) and torch.equal(p1.shard(x), torch.tensor([3.0, 4.0]))
+    averaged = (p0.shard(x).mean() * p0.loss_scale(3, 5) + p1.shard(x).mean() * p1.loss_scale(2, 5)) / 2
+    assert averaged.item() == pytest.approx(x.mean().item())
