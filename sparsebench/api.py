@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsebench import results
+from sparsebench import plugins, results
 from sparsebench.errors import UserError
 
 
@@ -86,6 +86,7 @@ def run(*overrides: str, **options: Any) -> RunResult | None:
     from omegaconf.errors import OmegaConfBaseException
 
     job = overrides_from(overrides, options)
+    plugins.load(plugins.from_overrides(job))
     try:
         resolved = resolve(compose_config(job))
     except (HydraException, OmegaConfBaseException) as exc:

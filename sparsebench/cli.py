@@ -25,7 +25,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sparsebench import interrupts, results
+from sparsebench import interrupts, plugins, results
 from sparsebench.errors import RunInterrupted, UserError
 
 USAGE = """usage: sparsebench <command> [arguments]
@@ -285,6 +285,7 @@ def hydra_train(cfg: DictConfig) -> None:
     from sparsebench.train import train
 
     try:
+        plugins.load(cfg.get("plugins") or [])  # again in this job's process (a launcher may have started it)
         resolved = resolve(cfg)
         config = validate(resolved)
         train(config, resolved, OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -298,7 +299,8 @@ def hydra_train(cfg: DictConfig) -> None:
 
 def train_command(args: list[str]) -> int:
     try:
-        _, flags, _ = split_arguments(args)
+        overrides, flags, _ = split_arguments(args)
+        plugins.load(plugins.from_overrides(overrides))  # before composing: method=<a plug-in's> must compose
         if not INFO_FLAGS.intersection(flags):
             prevalidate(args)
     except UserError as exc:

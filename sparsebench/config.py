@@ -159,6 +159,7 @@ class RunOptions:
     backend: Backend = Backend.masked  # sparse: sparse kernels during training (sparse/backend.py)
     backend_layers: BackendLayers = BackendLayers.measured
     rerun: bool = False  # true: train a completed run again (after a code change); its old results are replaced
+    plugins: list[str] = field(default_factory=list)  # modules or .py files with your methods/models/datasets
     paper: dict | None = None  # published numbers an experiment preset shows beside ours
 
 
