@@ -6,9 +6,12 @@ happen here and end as one UserError line naming the key, the value and what is 
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import enum
+import functools
+import inspect
 import math
 import os
 import types
@@ -31,8 +34,10 @@ def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_describe((typing.get_args(tp) or (Any,))[0])}"
+    if tp is Any:
+        return "any value"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
             type(None): "null", dict: "a mapping"}.get(tp, str(tp))
 
@@ -56,11 +61,13 @@ def _convert(value: Any, tp) -> Any:
             return tp(value)
         except ValueError:
             raise ValueError from None
-    if origin is list:
+    if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise ValueError
-        (item,) = typing.get_args(tp)
+        (item, *_) = typing.get_args(tp) or (Any,)
         return [_convert(v, item) for v in value]
+    if tp is Any:
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -378,18 +385,50 @@ def validate(cfg: Mapping) -> Config:
     schedule_options = parse_options(ScheduleOptions, sched_raw, "schedule.", f"schedule {schedule}")
     _check_schedule(schedule_options, run.epochs, optimizer_options.lr)
 
-    model, model_options = _group(cfg, "model")
-    dataset, dataset_options = _group(cfg, "dataset")
-    _check_plain_options("model", model_options)
-    _check_plain_options("dataset", dataset_options)
+    model, model_raw = _group(cfg, "model")
+    model_options = _factory_options("model", model, model_raw)
+    dataset, dataset_raw = _group(cfg, "dataset")
+    dataset_options = _factory_options("dataset", dataset, dataset_raw)
     return Config(
         run, method, method_options, model, model_options, dataset, dataset_options,
         distribution, dist_options, optimizer, optimizer_options, schedule, schedule_options,
     )
 
 
-def _check_plain_options(group: str, options: Mapping) -> None:
-    """Model and dataset options are checked by their factories; NaN/inf never reach them."""
-    for key, value in options.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{group}.{key}={value}: expected a finite number")
+# Factory parameters that are not options: filled by the trainer, or common to every dataset.
+_NOT_OPTIONS = ("input_shape", "num_classes")
+_DATASET_COMMON = (("data_dir", str), ("download", bool))
+
+
+@functools.lru_cache(maxsize=None)
+def factory_options(factory) -> type:
+    """A model's or dataset's options as a dataclass built from its factory's parameters (their
+    annotations and defaults), so they are parsed and reported exactly like a method's `Options`:
+    one mechanism and one error style for every group. The YAML files mirror these defaults
+    (tests/test_config_defaults.py keeps them equal)."""
+    hints = typing.get_type_hints(factory)
+    fields = []
+    for p in inspect.signature(factory).parameters.values():
+        if p.name in _NOT_OPTIONS or p.name in dict(_DATASET_COMMON):
+            continue
+        if p.default is inspect.Parameter.empty:
+            continue
+        fields.append((p.name, hints.get(p.name, Any), dataclasses.field(default=p.default)))
+    return dataclasses.make_dataclass(f"{factory.__name__.strip('_')}_options", fields)
+
+
+def _factory_options(group: str, name: str, raw: Mapping) -> dict:
+    from sparsebench.data import DATASETS
+    from sparsebench.models import MODELS
+
+    factory = (MODELS if group == "model" else DATASETS).get(name)
+    common = {}
+    if group == "dataset":  # data_dir and download belong to every dataset
+        raw = dict(raw)
+        for key, tp in _DATASET_COMMON:
+            if key in raw:
+                common[key] = parse_options(
+                    dataclasses.make_dataclass("common", [(key, tp)]), {key: raw.pop(key)}, "dataset.", f"dataset {name}"
+                ).__dict__[key]
+    options = parse_options(factory_options(factory), raw, f"{group}.", f"{group} {name}")
+    return {**common, **{k: v for k, v in options.__dict__.items() if k in raw}}

@@ -55,7 +55,10 @@ BAD_INPUTS = {
     "sparsity=nan": "sparsity=nan: expected a finite number",
     "label_smoothing=-inf": "label_smoothing=-inf: expected a finite number",
     "schedule.min_lr=1": "schedule.min_lr=1.0: expected a value in [0, optimizer.lr=0.1]",
-    "model.channels=nan": "model.channels=nan: expected a finite number",
+    "model.channels=nan": "model.channels=nan: expected an integer",
+    "model.channels=abc": "model.channels='abc': expected an integer",
+    "dataset.num_samples=1.5": "dataset.num_samples=1.5: expected an integer",
+    "dataset.download=maybe": "dataset.download='maybe': expected true or false",
 }
 MULTI_OVERRIDE_BAD_INPUTS = {
     ("distribution=erk", "distribution.erk_power_scale=nan"): "distribution.erk_power_scale=nan: expected a finite",
