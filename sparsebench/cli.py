@@ -279,16 +279,21 @@ def prevalidate(args: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- the Hydra task
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_train(cfg: DictConfig) -> None:
+def run_job(cfg: DictConfig) -> None:
+    """One job: plug-ins, resolve, validate, train. Raises UserError / RunInterrupted."""
     from sparsebench.config import validate
     from sparsebench.train import train
 
+    plugins.load(cfg.get("plugins") or [])  # again in this job's process (a launcher may have started it)
+    resolved = resolve(cfg)
+    config = validate(resolved)
+    train(config, resolved, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def hydra_train(cfg: DictConfig) -> None:
     try:
-        plugins.load(cfg.get("plugins") or [])  # again in this job's process (a launcher may have started it)
-        resolved = resolve(cfg)
-        config = validate(resolved)
-        train(config, resolved, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        run_job(cfg)
     except RunInterrupted as exc:
         print(f"sparsebench train: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -297,10 +302,19 @@ def hydra_train(cfg: DictConfig) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's exception reporting
 
 
+def is_single_plain_run(overrides: list[str], flags: dict[str, str], multirun: bool) -> bool:
+    """One run with no Hydra flag and no hydra.* setting: composed once by sparsebench and
+    trained in this process; Hydra's app (a second composition, its logging set-up) adds nothing."""
+    plain_flags = set(flags) <= {"--config-dir", "-cd"}
+    return not multirun and plain_flags and not any(o.lstrip("+~").startswith("hydra") for o in overrides)
+
+
 def train_command(args: list[str]) -> int:
     try:
-        overrides, flags, _ = split_arguments(args)
+        overrides, flags, multirun = split_arguments(args)
         plugins.load(plugins.from_overrides(overrides))  # before composing: method=<a plug-in's> must compose
+        if is_single_plain_run(overrides, flags, multirun):
+            return _train_single(overrides, flags.get("--config-dir") or flags.get("-cd"))
         if not INFO_FLAGS.intersection(flags):
             prevalidate(args)
     except UserError as exc:
@@ -310,6 +324,26 @@ def train_command(args: list[str]) -> int:
         hydra_train()
     except SystemExit as exc:  # the task's one-line errors, and Hydra's own exits
         return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def _train_single(overrides: list[str], config_dir: str | None) -> int:
+    """A single run: its config composed once, its model built once (train() builds and checks
+    everything before any directory exists, which is what pre-validation guarantees for sweeps)."""
+    if config_dir is not None and not Path(config_dir).is_dir():
+        raise UserError(f"--config-dir {config_dir!r}: no such directory")
+    parse_overrides(overrides)  # Hydra's lexer errors as one line
+    try:
+        cfg = compose_config(overrides, config_dir)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UserError(one_line(exc)) from None
+    if isinstance(cfg.get("results_root"), str):
+        check_results_root(cfg.results_root)
+    try:
+        run_job(cfg)
+    except RunInterrupted as exc:
+        print(f"sparsebench train: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -88,13 +88,16 @@ class Run:
     model: torch.nn.Module
     engine: MaskedModel
     method: SparsityMethod
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None when built only to plan or check
     device: torch.device
     steps_per_epoch: int
 
 
-def build_run(cfg: Config, data: DatasetBundle | None = None, device: torch.device | None = None) -> Run:
-    """Data, model, engine, method and optimizer for `cfg` (`data`/`device` given by check_run)."""
+def build_run(
+    cfg: Config, data: DatasetBundle | None = None, device: torch.device | None = None, with_optimizer: bool = True
+) -> Run:
+    """Data, model, engine, method and optimizer for `cfg` (`data`/`device` given by check_run).
+    Plans and checks need no optimizer (building one imports torch._dynamo, ~2 s)."""
     run = cfg.run
     seed_everything(run.seed)
     device = device or pick_device(run.device)
@@ -115,7 +118,7 @@ def build_run(cfg: Config, data: DatasetBundle | None = None, device: torch.devi
     method_cls = METHODS.get(cfg.method)
     generator = torch.Generator().manual_seed(run.seed + 1)
     method = method_cls(cfg.method_options, engine, target, run.epochs * steps_per_epoch, steps_per_epoch, generator)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model) if with_optimizer else None
     return Run(cfg, data, model, engine, method, optimizer, device, steps_per_epoch)
 
 
@@ -127,8 +130,23 @@ def check_run(cfg: Config, data_cache: dict) -> None:
     key = json.dumps([cfg.dataset, cfg.dataset_options], sort_keys=True, default=str)
     if key not in data_cache:
         data_cache[key] = load_dataset(cfg.dataset, **cfg.dataset_options)
-    with torch.device("meta"):
-        build_run(cfg, data_cache[key], torch.device("meta"))
+    with torch.device("meta"), _skip_weight_init():
+        build_run(cfg, data_cache[key], torch.device("meta"), with_optimizer=False)
+
+
+@contextlib.contextmanager
+def _skip_weight_init():
+    """Initialisers are no-ops while a model is built for checking only: on the meta device
+    they run through torch's reference implementations, whose import alone costs ~2 s."""
+    names = [n for n in vars(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 def train_loader(run: Run, epoch: int) -> DataLoader:
@@ -180,7 +198,7 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     if not cfg.run.dry_run and not cfg.run.rerun and distributed.agree(results.is_complete(path), processes):
         log(f"already complete, skipped: {path}")  # before building anything: a done sweep relaunches fast
         return path
-    run = build_run(cfg)  # every user error surfaces here, before any directory exists
+    run = build_run(cfg, with_optimizer=not cfg.run.dry_run)  # every user error surfaces here, before any directory exists
     distributed.check(cfg, processes)
     if cfg.run.dry_run:
         dry_run.describe(run, log)
