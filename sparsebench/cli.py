@@ -36,6 +36,8 @@ commands:
                       sparsebench train -m method=gap,gmp,static seed=0,1,2
                       sparsebench train --cfg job        (show the composed config)
   report PATH         tables and plots from a results tree
+  status PATH | [-m] OVERRIDES
+                      which runs are done, running, resumable or missing (trains nothing)
   export RUN_DIR --format csr|bsr|semi_structured [--block N] [--out PATH]
                       a finished run's model as real torch sparse tensors
   bench RUN_DIR       dense against every available sparse backend: latency,
@@ -233,7 +235,7 @@ def check_results_root(root: str) -> None:
         raise UserError(f"results_root={root}: cannot create or write {path} ({existing} is not a writable directory)")
 
 
-def prevalidate(args: list[str]) -> None:
+def prevalidate(args: list[str]) -> set[Path]:
     """Compose, validate and dry-build every job of the command before any job starts.
 
     The dry build (train.check_run) makes the model on PyTorch's meta device, so it costs no
@@ -254,6 +256,7 @@ def prevalidate(args: list[str]) -> None:
     built: set[str] = set()
     data_cache: dict = {}
     checked_jobs: set[tuple[str, ...]] = set()
+    sweep_roots: set[Path] = set()
     for job in expand_sweeps(overrides) if multirun else [overrides]:
         seeds = [o for o in job if o.startswith("seed=")]
         other = tuple(o for o in job if not o.startswith("seed="))
@@ -267,6 +270,7 @@ def prevalidate(args: list[str]) -> None:
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(one_line(exc)) from None
         config = validate(resolved)
+        sweep_roots.add(Path(config.run.results_root) / config.run.exp / ".multirun")
         if config.run.results_root not in checked_roots:
             check_results_root(config.run.results_root)
             checked_roots.add(config.run.results_root)
@@ -276,6 +280,7 @@ def prevalidate(args: list[str]) -> None:
         if build_key not in built:
             check_run(config, data_cache)
             built.add(build_key)
+    return sweep_roots
 
 
 # ---------------------------------------------------------------------------- the Hydra task
@@ -315,8 +320,7 @@ def train_command(args: list[str]) -> int:
         plugins.load(plugins.from_overrides(overrides))  # before composing: method=<a plug-in's> must compose
         if is_single_plain_run(overrides, flags, multirun):
             return _train_single(overrides, flags.get("--config-dir") or flags.get("-cd"))
-        if not INFO_FLAGS.intersection(flags):
-            prevalidate(args)
+        sweep_roots = set() if INFO_FLAGS.intersection(flags) else prevalidate(args)
     except UserError as exc:
         return fail("train", str(exc))
     sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
@@ -324,7 +328,19 @@ def train_command(args: list[str]) -> int:
         hydra_train()
     except SystemExit as exc:  # the task's one-line errors, and Hydra's own exits
         return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        remove_empty_job_folders(sweep_roots)
     return 0
+
+
+def remove_empty_job_folders(sweep_roots: set[Path]) -> None:
+    """Hydra makes a folder per job of a sweep (`.multirun/<time>/<n>/`); sparsebench writes into
+    its own run directories, so those stay empty unless a launcher logged into them: remove the
+    empty ones (multirun.yaml and submitit's logs stay)."""
+    for root in sweep_roots:
+        for job in root.glob("*/*"):
+            if job.is_dir() and not any(job.iterdir()):
+                job.rmdir()
 
 
 def _train_single(overrides: list[str], config_dir: str | None) -> int:
@@ -357,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if command == "train":
                 return train_command(rest)
+            if command == "status":
+                from sparsebench.sweep_status import main as status_main
+
+                return status_main(rest)
             if command == "report":
                 from sparsebench.report import main as report_main
 
@@ -374,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sparsebench {command}: interrupted ({interrupts.signal_name(exc)}); nothing was left half-written",
                   file=sys.stderr)
             return code
-    return fail(command, f"unknown command {command!r}; commands: train, report, export, bench")
+    return fail(command, f"unknown command {command!r}; commands: train, report, status, export, bench")
 
 
 def entry_point() -> None:

@@ -210,6 +210,15 @@ def test_multirun_writes_one_directory_per_config(tmp_path):
     runs = run_dirs(tmp_path)
     assert len(runs) == 4 and all((r / "final.json").is_file() for r in runs)
     assert {r.parts[-3] for r in runs} == {"static", "gmp"}
+    (sweep,) = (tmp_path / "default" / ".multirun").iterdir()
+    assert [p.name for p in sweep.iterdir()] == ["multirun.yaml"]  # no empty per-job folders left behind
+
+
+def test_train_help_describes_sparsebench(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sparsebench train: train one sparse network") and "powered by Hydra" not in out
+    assert "docs/methods.md" in out
 
 
 @pytest.mark.slow
