@@ -724,6 +724,27 @@ def test_header_and_health_agree_on_what_is_averaged(tmp_path, capsys):
     assert static["n"] == 3  # the header's "averaged" is what the numbers did
 
 
+def test_groups_mixing_code_versions_are_flagged_and_still_averaged(tmp_path, capsys):
+    # A run directory's hash covers the config, not the code: a seed finished before a fix sits
+    # beside seeds trained after it. The report must say so rather than average them silently.
+    old = {"sparsebench": "0.1.0", "commit": "a" * 40}
+    new = {"sparsebench": "0.1.0", "commit": "b" * 40, "dirty": True}
+    write_run(tmp_path, "rigl", 0.9, 0, final(90.0, flops=20.0, provenance=old))
+    write_run(tmp_path, "rigl", 0.9, 1, final(92.0, flops=20.0, provenance=new))
+    write_run(tmp_path, "set", 0.9, 0, final(88.0, flops=20.0, provenance=new))
+    write_run(tmp_path, "set", 0.9, 1, final(89.0, flops=20.0, provenance=new))
+    code, out, err = report([str(tmp_path), "--no-plots"], capsys)
+    assert code == 0, err
+    health = out.split("## Health")[1]
+    section = health.split("### Groups mixing code versions")[1].split("###")[0]
+    row = next(line for line in section.splitlines() if "| rigl" in line)
+    assert "0.1.0 aaaaaaa (1 run)" in row and "0.1.0 bbbbbbb-dirty (1 run)" in row
+    assert "| set" not in section  # one version: nothing to say
+    assert summary_row(tmp_path / "report", "rigl", 0.9)["n"] == 2  # flagged, still averaged
+    runs = pd.read_csv(tmp_path / "report" / "runs.csv")
+    assert set(runs["code_version"]) == {"0.1.0 aaaaaaa", "0.1.0 bbbbbbb-dirty"}
+
+
 # ---------------------------------------------------------------------------- figures
 def figure_tree(root: Path) -> Path:
     for seed in (0, 1):

@@ -168,6 +168,14 @@ def health_categories(health: Health, modal_n: int) -> list[HealthCategory]:
             "(pool fewer to split them), or nothing (the same config ran twice, e.g. a tree copied in twice).", True,
             f"{count} group{_s(count)} that ran a seed more than once",
         ))
+    if len(health.mixed_code):
+        count = len(health.mixed_code)
+        categories.append(HealthCategory(
+            "Groups mixing code versions", health.mixed_code,
+            "Averaged, but their runs were trained by different sparsebench code (final.json's provenance): "
+            "relaunch the older ones with rerun=true if the change matters.", True,
+            f"{count} group{_s(count)} mixing code versions",
+        ))
     if len(health.bench_problems):
         count = len(health.bench_problems)
         categories.append(HealthCategory(

@@ -19,11 +19,13 @@ class Health:
     seed_gaps: pd.DataFrame  # groups with fewer healthy runs than the usual group
     duplicate_seeds: pd.DataFrame  # groups averaging two runs of one seed, and what tells them apart
     bench_problems: pd.DataFrame  # healthy runs whose bench.json is unusable: run, problem
+    mixed_code: pd.DataFrame  # groups whose runs come from different sparsebench code: group, versions
 
     @property
     def clean(self) -> bool:
         return all(frame.empty for frame in (
             self.problems, self.suspicious, self.seed_gaps, self.duplicate_seeds, self.bench_problems,
+            self.mixed_code,
         ))
 
 
@@ -35,7 +37,22 @@ def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
     bench = (runs["state"] == OK) & runs["bench_problem"].notna()
     bench_problems = runs.loc[bench, ["run", "bench_problem"]].rename(columns={"bench_problem": "problem"})
     return Health(problems, suspicious, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys),
-                  bench_problems.reset_index(drop=True))
+                  bench_problems.reset_index(drop=True), mixed_code(runs, grouping.keys))
+
+
+def mixed_code(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Groups averaging runs of different code versions (the run directory's hash covers the
+    config, not the code: a run finished before a fix is skipped, not redone, unless rerun=true)."""
+    columns = [*keys, "code versions"]
+    healthy = runs[(runs["state"] == OK) & runs["code_version"].notna()] if "code_version" in runs else runs.iloc[:0]
+    rows = []
+    for key, part in healthy.groupby(list(keys), dropna=False, sort=True):
+        versions = sorted(part["code_version"].unique())
+        if len(versions) > 1:
+            counts = part["code_version"].value_counts()
+            rows.append([*(key if isinstance(key, tuple) else (key,)),
+                         ", ".join(f"{v} ({counts[v]} run{'s' if counts[v] > 1 else ''})" for v in versions)])
+    return pd.DataFrame(rows, columns=columns)
 
 
 def seed_gaps(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:

@@ -83,7 +83,7 @@ BENCH_COLUMNS = (
 )
 RESULT_COLUMNS = (
     "run", "state", "problem", "status", *NUMERIC_RESULTS, "flops_vs_dense", "inference_flops_vs_dense",
-    *BENCH_COLUMNS, "paper_test_acc", "paper_source", "layer_densities",
+    *BENCH_COLUMNS, "paper_test_acc", "paper_source", "layer_densities", "code_version",
 )
 
 
@@ -408,9 +408,20 @@ def _results(final: dict) -> dict:
     ):
         raise _Unusable(f"{FINAL_FILE}: layer_densities is not a mapping of layer names to numbers")
     results["layer_densities"] = densities
+    results["code_version"] = _code_version(final.get("provenance"))
     results["flops_vs_dense"] = _ratio(results["train_flops"], results["train_flops_dense"])
     results["inference_flops_vs_dense"] = _ratio(results["inference_flops"], results["inference_flops_dense"])
     return results
+
+
+def _code_version(provenance) -> str | None:
+    """`0.1.0 1a2b3c4` (`-dirty` when the checkout had local changes), from final.json's
+    provenance; None for runs written before provenance was recorded."""
+    if not isinstance(provenance, dict):
+        return None
+    version, commit = provenance.get("sparsebench"), provenance.get("commit")
+    text = " ".join(_printable(str(part)) for part in (version, commit[:7] if isinstance(commit, str) else None) if part)
+    return (text + ("-dirty" if provenance.get("dirty") is True else "")) or None
 
 
 def _ratio(part: float, whole: float) -> float:
