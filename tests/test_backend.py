@@ -281,7 +281,7 @@ def test_same_run_under_both_backends_gives_the_same_masks_and_metrics(method, t
 
 
 @pytest.mark.slow
-def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, capsys):
+def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, capsys, interrupt_at_checkpoint):
     # Timing is machine noise: fixed measurements make the decisions (and this test) deterministic.
     monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None))
     args = [*MLP_RUN, "epochs=3", "method=gmp", "method.frequency=10", "backend=sparse", "backend_layers=measured"]
@@ -295,22 +295,12 @@ def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, c
     assert final["sparse_layers"] == ["3.weight", "5.weight"]
     assert final["backend_decisions"]["3.weight"]["max_density"] == pytest.approx(0.25)
 
-    calls = {"n": 0}
-    real_save = results.atomic_torch_save
-
-    def crash_on_second_checkpoint(path, obj):
-        if path.name == results.CHECKPOINT_FILE:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(results, "atomic_torch_save", crash_on_second_checkpoint)
+    interrupt = interrupt_at_checkpoint(2)
     try:
         assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) != 0  # interrupted after epoch 2's metrics
     except KeyboardInterrupt:
         pass
-    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+    interrupt.remove()
     (killed,) = run_dirs(tmp_path / "killed")
     assert not (killed / results.FINAL_FILE).exists() and (killed / results.CHECKPOINT_FILE).exists()
 

@@ -62,20 +62,11 @@ def test_two_ranks_train_one_run_with_the_single_process_contract(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_one_process_resumes_under_torchrun(tmp_path, monkeypatch):
+def test_a_run_killed_in_one_process_resumes_under_torchrun(tmp_path, interrupt_at_checkpoint):
     args = [*TINY, "epochs=4", f"results_root={tmp_path}"]
-    real_save, calls = results.atomic_torch_save, {"n": 0}
-
-    def interrupt_on_third_checkpoint(path, obj):
-        if path.name == results.CHECKPOINT_FILE:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(results, "atomic_torch_save", interrupt_on_third_checkpoint)
+    interrupt = interrupt_at_checkpoint(3)
     assert cli.main(["train", *args]) == 130
-    monkeypatch.undo()
+    interrupt.remove()
     proc = torchrun(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "from epoch 2" in proc.stdout

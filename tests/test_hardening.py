@@ -66,20 +66,11 @@ def test_run_dir_refuses_a_path_outside_the_root():
 
 
 # ------------------------------------------------------------------------ runs that get stuck or lie
-def _interrupted_run(tmp_path: Path, monkeypatch, args: list[str]) -> Path:
+def _interrupted_run(tmp_path: Path, interrupt_at_checkpoint, args: list[str]) -> Path:
     """A run stopped after its 2nd epoch's checkpoint (Ctrl-C delivered while writing the 3rd)."""
-    real_save, calls = results.atomic_torch_save, {"n": 0}
-
-    def interrupt_on_third_checkpoint(path, obj):
-        if path.name == results.CHECKPOINT_FILE:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(results, "atomic_torch_save", interrupt_on_third_checkpoint)
+    interrupt = interrupt_at_checkpoint(3)
     assert cli.main(["train", *args]) == 130
-    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+    interrupt.remove()
     run = planned_run_dir(args)
     assert (run / results.CHECKPOINT_FILE).is_file() and not (run / results.FINAL_FILE).exists()
     return run
@@ -90,9 +81,9 @@ def _truncate(blob: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbled", "other_model"])
-def test_unreadable_checkpoint_is_one_line_with_a_way_out(damage, tmp_path, monkeypatch, capsys):
+def test_unreadable_checkpoint_is_one_line_with_a_way_out(damage, tmp_path, interrupt_at_checkpoint, capsys):
     args = [*TINY, "epochs=4", f"results_root={tmp_path}"]
-    run = _interrupted_run(tmp_path, monkeypatch, args)
+    run = _interrupted_run(tmp_path, interrupt_at_checkpoint, args)
     ckpt = run / results.CHECKPOINT_FILE
     blob = ckpt.read_bytes()
     if damage == "empty":
@@ -102,7 +93,7 @@ def test_unreadable_checkpoint_is_one_line_with_a_way_out(damage, tmp_path, monk
     elif damage == "garbled":
         ckpt.write_bytes(blob[:100] + os.urandom(len(blob) - 200) + blob[-100:])
     else:  # a checkpoint of a narrower model: every tensor has the wrong shape
-        other = _interrupted_run(tmp_path / "other", monkeypatch, [*args[:-1], "model.channels=16",
+        other = _interrupted_run(tmp_path / "other", interrupt_at_checkpoint, [*args[:-1], "model.channels=16",
                                                                   f"results_root={tmp_path / 'other'}"])
         ckpt.write_bytes((other / results.CHECKPOINT_FILE).read_bytes())
     capsys.readouterr()
@@ -116,9 +107,9 @@ def test_unreadable_checkpoint_is_one_line_with_a_way_out(damage, tmp_path, monk
     assert json.loads((run / results.FINAL_FILE).read_text())["status"] == "completed"
 
 
-def test_garbage_lines_in_jsonl_files_do_not_block_resume(tmp_path, monkeypatch):
+def test_garbage_lines_in_jsonl_files_do_not_block_resume(tmp_path, interrupt_at_checkpoint):
     args = ["method=rigl", "method.delta_t=3", *TINY[1:], "epochs=4", f"results_root={tmp_path}"]
-    run = _interrupted_run(tmp_path, monkeypatch, args)
+    run = _interrupted_run(tmp_path, interrupt_at_checkpoint, args)
     for name in (results.METRICS_FILE, results.MASK_UPDATES_FILE):
         lines = (run / name).read_text().splitlines()
         assert len(lines) >= 2, name

@@ -307,28 +307,18 @@ def test_every_method_completes_a_real_run_under_powerprop(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_powerprop_regrowth_resumes_to_identical_result(tmp_path, monkeypatch):
+def test_powerprop_regrowth_resumes_to_identical_result(tmp_path, interrupt_at_checkpoint):
     # Regrown v are drawn from torch's global generator, which checkpoints save and restore.
-    from sparsebench import results
 
     args = ["train", "method=acdc", "powerprop=2", "epochs=4", "dataset.num_samples=600", "progress=none"]
     assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
-    real_save, calls = results.atomic_torch_save, {"n": 0}
-
-    def crash_on_third_checkpoint(path, obj):
-        if path.name == results.CHECKPOINT_FILE:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(results, "atomic_torch_save", crash_on_third_checkpoint)
+    interrupt = interrupt_at_checkpoint(3)
     try:
         code = cli.main([*args, f"results_root={tmp_path / 'killed'}"])
     except BaseException:  # noqa: BLE001 - the interrupt, however the trainer reports it
         code = None
-    assert code != 0 and calls["n"] == 3
-    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+    assert code != 0 and interrupt.calls == 3
+    interrupt.remove()
     assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) == 0
     (whole,) = [p.parent for p in (tmp_path / "whole").rglob("final.json")]
     (killed,) = [p.parent for p in (tmp_path / "killed").rglob("final.json")]

@@ -7,23 +7,14 @@ from sparsebench import cli, results, sweep_status
 TINY = ["method=static", "epochs=2", "dataset.num_samples=400", "progress=none"]
 
 
-def test_status_of_a_tree_and_of_a_planned_sweep(tmp_path, capsys, monkeypatch):
+def test_status_of_a_tree_and_of_a_planned_sweep(tmp_path, capsys, interrupt_at_checkpoint):
     root = f"results_root={tmp_path}"
     assert cli.main(["train", *TINY, "seed=0", root]) == 0
     done = sweep_status.planned_runs([*TINY, "seed=0", root])[0]
 
-    real_save, calls = results.atomic_torch_save, {"n": 0}
-
-    def interrupt_on_second_checkpoint(path, obj):
-        if path.name == results.CHECKPOINT_FILE:
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(results, "atomic_torch_save", interrupt_on_second_checkpoint)
+    interrupt = interrupt_at_checkpoint(2)
     assert cli.main(["train", *TINY, "seed=1", root]) == 130
-    monkeypatch.setattr(results, "atomic_torch_save", real_save)
+    interrupt.remove()
 
     restart = sweep_status.planned_runs([*TINY, "seed=2", root])[0]
     restart.mkdir(parents=True)

@@ -145,44 +145,30 @@ def health_categories(health: Health, modal_n: int) -> list[HealthCategory]:
             categories.append(HealthCategory(
                 title, listed, "Left out of every mean.", False, f"{len(listed)} {word} run{_s(len(listed))}",
             ))
-    if len(health.suspicious):
-        count = len(health.suspicious)
-        categories.append(HealthCategory(
-            "Runs at chance level", health.suspicious,
-            "Averaged with the other seeds, since a terrible config is still a result, but flagged: the final "
-            "test accuracy is at most min(1, chance/2) points above chance (100 / classes %), so the run "
-            "learned nothing.", True, f"{count} run{_s(count)} at chance level",
-        ))
-    if len(health.seed_gaps):
-        count = len(health.seed_gaps)
-        categories.append(HealthCategory(
-            "Groups missing seeds", health.seed_gaps,
-            f"Groups with fewer healthy runs than the usual {modal_n}: averaged over the seeds they have, and "
-            "their cells are marked (n=…).", True, f"{count} group{_s(count)} missing seeds (marked n=…)",
-        ))
-    if len(health.duplicate_seeds):
-        count = len(health.duplicate_seeds)
-        categories.append(HealthCategory(
-            "Seeds run more than once", health.duplicate_seeds,
-            "Averaged, each run counting as one seed; the last column says what tells them apart: a --pool key "
-            "(pool fewer to split them), or nothing (the same config ran twice, e.g. a tree copied in twice).", True,
-            f"{count} group{_s(count)} that ran a seed more than once",
-        ))
-    if len(health.mixed_code):
-        count = len(health.mixed_code)
-        categories.append(HealthCategory(
-            "Groups mixing code versions", health.mixed_code,
-            "Averaged, but their runs were trained by different sparsebench code (final.json's provenance): "
-            "relaunch the older ones with rerun=true if the change matters.", True,
-            f"{count} group{_s(count)} mixing code versions",
-        ))
-    if len(health.bench_problems):
-        count = len(health.bench_problems)
-        categories.append(HealthCategory(
-            "Unusable bench.json", health.bench_problems,
-            "The runs' results are averaged; their measured speedups are left out.", True,
-            f"{count} run{_s(count)} with an unusable bench.json (speedups left out)",
-        ))
+    # Averaged lists: (rows, heading, caption, how the overview names them; {s} is the plural "s").
+    averaged = (
+        (health.suspicious, "Runs at chance level",
+         "Averaged with the other seeds, since a terrible config is still a result, but flagged: the final "
+         "test accuracy is at most min(1, chance/2) points above chance (100 / classes %), so the run "
+         "learned nothing.", "run{s} at chance level"),
+        (health.seed_gaps, "Groups missing seeds",
+         f"Groups with fewer healthy runs than the usual {modal_n}: averaged over the seeds they have, and "
+         "their cells are marked (n=…).", "group{s} missing seeds (marked n=…)"),
+        (health.duplicate_seeds, "Seeds run more than once",
+         "Averaged, each run counting as one seed; the last column says what tells them apart: a --pool key "
+         "(pool fewer to split them), or nothing (the same config ran twice, e.g. a tree copied in twice).",
+         "group{s} that ran a seed more than once"),
+        (health.mixed_code, "Groups mixing code versions",
+         "Averaged, but their runs were trained by different sparsebench code (final.json's provenance): "
+         "relaunch the older ones with rerun=true if the change matters.", "group{s} mixing code versions"),
+        (health.bench_problems, "Unusable bench.json",
+         "The runs' results are averaged; their measured speedups are left out.",
+         "run{s} with an unusable bench.json (speedups left out)"),
+    )
+    for frame, heading, caption, summary in averaged:
+        if len(frame):
+            count = len(frame)
+            categories.append(HealthCategory(heading, frame, caption, True, f"{count} {summary.format(s=_s(count))}"))
     return categories
 
 
