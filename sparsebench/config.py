@@ -145,7 +145,7 @@ class BackendLayers(enum.Enum):
 
 @dataclass
 class RunOptions:
-    """Top-level keys (DESIGN.md CLI contract) and the trainer's own knobs."""
+    """Top-level keys (the command-line contract, docs/design.md) and the trainer's own knobs."""
 
     sparsity: float = 0.9
     seed: int = 0
