@@ -151,8 +151,11 @@ def test_final_json_that_is_a_fifo_is_not_complete(tmp_path):
 def test_interrupt_is_one_line_and_the_relaunch_resumes(sig, code, name, tmp_path):
     args = [*TINY, "epochs=30", f"results_root={tmp_path}"]
     run = planned_run_dir(args)
+    # A shell starts background commands with SIGINT ignored and Python keeps it ignored (so
+    # Ctrl-C in a terminal does not stop them): give the child a default SIGINT, as a terminal does.
     proc = subprocess.Popen([sys.executable, "-m", "sparsebench", "train", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not results.read_jsonl(run / results.METRICS_FILE) or not (run / results.CHECKPOINT_FILE).exists():
