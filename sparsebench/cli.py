@@ -251,6 +251,9 @@ def prevalidate(args: list[str]) -> set[Path]:
     config_dir = flags.get("--config-dir") or flags.get("-cd")
     if config_dir is not None and not Path(config_dir).is_dir():
         raise UserError(f"--config-dir {config_dir!r}: no such directory")
+    # `--cfg job` only prints the composed config: values are checked, but nothing is built, so
+    # a preset can be read on a machine without its dataset.
+    printing_only = "--cfg" in flags or "-c" in flags
     composer = JobComposer(config_dir)
     checked_roots: set[str] = set()
     built: set[str] = set()
@@ -277,7 +280,7 @@ def prevalidate(args: list[str]) -> set[Path]:
         build_key = json.dumps({k: v for k, v in resolved.items() if k != "seed"}, sort_keys=True, default=str)
         if not config.run.rerun and results.is_complete(results.run_dir(resolved)):
             continue  # a finished run is skipped by the job without being built: no dry build either
-        if build_key not in built:
+        if build_key not in built and not printing_only:
             check_run(config, data_cache)
             built.add(build_key)
     return sweep_roots

@@ -237,6 +237,19 @@ def test_cfg_job_shows_the_composed_config():
     assert "name: gmp" in proc.stdout and "sparsity: 0.95" in proc.stdout and "frequency: 100" in proc.stdout
 
 
+def test_cfg_job_reads_a_preset_without_its_dataset(tmp_path):
+    # Printing builds nothing, so a CIFAR preset can be read before the data is there; keys and
+    # values are still checked (what needs the model, such as GaP's kappa against its layers, is
+    # checked when the run is launched).
+    missing = tmp_path / "no_data"
+    proc = run_cli("train", "--cfg", "job", "experiment=cifar10_resnet32_gap", f"dataset.data_dir={missing}")
+    assert proc.returncode == 0, proc.stderr
+    assert "name: cifar10" in proc.stdout and "rounds: 10" in proc.stdout and "epochs: 350" in proc.stdout
+    assert not missing.exists()
+    bad = run_cli("train", "--cfg", "job", "experiment=cifar10_resnet32_gap", "sparsity=1.5")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "sparsity=1.5" in bad.stderr
+
+
 def test_user_config_dir_adds_methods(tmp_path):
     (tmp_path / "method").mkdir()
     (tmp_path / "method" / "fast_gmp.yaml").write_text("name: gmp\nfrequency: 5\nbegin: 0.1\nend: 0.5\n")
