@@ -249,6 +249,8 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
     if o.amp and not use_amp:
         log("amp=true needs CUDA; training in float32 on the CPU")
 
+    # The code that trains, read now: a checkout may move on while a long run trains.
+    origin = provenance(device, processes.world_size) if writes else None
     state = {"epoch": 0, "step": 0, "train_flops": 0.0, "train_flops_dense": 0.0, "best_test_acc": 0.0,
              "lr_origin": 0, "lr_span": total_steps, "wall_time_s": 0.0, "last_eval": None}
 
@@ -379,7 +381,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
     final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
     final.update(inference_flops=counter.forward(engine.densities()), inference_flops_dense=counter.dense_forward,
-                 world_size=processes.world_size, provenance=provenance(device, processes.world_size))
+                 world_size=processes.world_size, provenance=origin)
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
     at_chance = final["test_acc"] <= final["chance_acc"] + CHANCE_MARGIN

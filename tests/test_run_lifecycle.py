@@ -60,3 +60,17 @@ def test_methods_get_the_first_training_batch(tmp_path, monkeypatch):
             f"results_root={tmp_path}"]
     assert cli.main(args) == 0
     assert seen["shapes"] == ((32, 1, 40), (32,))
+
+
+def test_provenance_is_the_code_that_started_training(tmp_path, monkeypatch):
+    # A checkout can move on while a long run trains: final.json names the code read at the start.
+    calls = []
+
+    def recording(device, world_size):
+        calls.append(world_size)
+        return {"commit": "at start" if len(calls) == 1 else "later", "world_size": world_size}
+
+    monkeypatch.setattr(train, "provenance", recording)
+    assert cli.main(["train", *TINY, f"results_root={tmp_path}"]) == 0
+    final = json.loads((the_run(tmp_path) / results.FINAL_FILE).read_text())
+    assert final["provenance"] == {"commit": "at start", "world_size": 1} and len(calls) == 1
