@@ -63,14 +63,20 @@ def test_methods_get_the_first_training_batch(tmp_path, monkeypatch):
 
 
 def test_provenance_is_the_code_that_started_training(tmp_path, monkeypatch):
-    # A checkout can move on while a long run trains: final.json names the code read at the start.
-    calls = []
+    # A checkout can move on while a long run trains: final.json names the code read before the
+    # first evaluation, not after the last.
+    evaluations = []
+    real_evaluate = train.evaluate
+
+    def counting_evaluate(run):
+        evaluations.append(1)
+        return real_evaluate(run)
 
     def recording(device, world_size):
-        calls.append(world_size)
-        return {"commit": "at start" if len(calls) == 1 else "later", "world_size": world_size}
+        return {"commit": f"after {len(evaluations)} evaluations", "world_size": world_size}
 
+    monkeypatch.setattr(train, "evaluate", counting_evaluate)
     monkeypatch.setattr(train, "provenance", recording)
     assert cli.main(["train", *TINY, f"results_root={tmp_path}"]) == 0
     final = json.loads((the_run(tmp_path) / results.FINAL_FILE).read_text())
-    assert final["provenance"] == {"commit": "at start", "world_size": 1} and len(calls) == 1
+    assert len(evaluations) == 2 and final["provenance"] == {"commit": "after 0 evaluations", "world_size": 1}
