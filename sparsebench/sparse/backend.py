@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.errors import UserError
+from sparsebench.sparse.flops import probe_forward
 from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t
 from sparsebench.sparse.masked import MaskedModel, PrunableTensor
 from sparsebench.sparse.structure import StructureKind
@@ -696,17 +697,7 @@ def layer_inputs(model: nn.Module, modules: Mapping[str, nn.Module],
             shapes.setdefault(name, tuple(args[0].shape[1:]))
         return hook
 
-    hooks = [m.register_forward_pre_hook(record(n)) for n, m in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(model, input_shape, [m.register_forward_pre_hook(record(n)) for n, m in modules.items()])
     return shapes
 
 

@@ -45,6 +45,14 @@ def layer_forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
     for module_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
             hooks.append(module.register_forward_hook(make_hook(f"{module_name}.weight")))
+    probe_forward(model, input_shape, hooks)
+    return flops
+
+
+@torch.no_grad()
+def probe_forward(model: nn.Module, input_shape: tuple[int, ...], hooks: list) -> None:
+    """One eval-mode forward of a zero example, for the `hooks` to observe; then the hooks are
+    removed and the model's train/eval mode restored."""
     was_training = model.training
     model.eval()
     try:
@@ -54,7 +62,6 @@ def layer_forward_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return flops
 
 
 class FlopCounter:
