@@ -23,6 +23,11 @@ def _git(args: list[str], cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# What trains: the package and its configs. An edited README or a new results file does not make
+# the code dirty; a changed or new (untracked, not ignored) file under these does.
+CODE_PATHS = ("sparsebench", "conf")
+
+
 def code_version() -> dict:
     """sparsebench's version, plus the commit and a dirty flag when it runs from a git checkout."""
     package = Path(sparsebench.__file__).resolve().parent
@@ -30,7 +35,7 @@ def code_version() -> dict:
     top = _git(["rev-parse", "--show-toplevel"], package)
     if top and (Path(top) / "sparsebench").resolve() == package:  # our own checkout, not an enclosing repo
         info["commit"] = _git(["rev-parse", "HEAD"], package)
-        status = _git(["status", "--porcelain", "--untracked-files=no"], package)
+        status = _git(["status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS], Path(top))
         info["dirty"] = None if status is None else bool(status)
     return info
 

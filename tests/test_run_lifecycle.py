@@ -80,3 +80,34 @@ def test_provenance_is_the_code_that_started_training(tmp_path, monkeypatch):
     assert cli.main(["train", *TINY, f"results_root={tmp_path}"]) == 0
     final = json.loads((the_run(tmp_path) / results.FINAL_FILE).read_text())
     assert len(evaluations) == 2 and final["provenance"] == {"commit": "after 0 evaluations", "world_size": 1}
+
+
+def test_code_is_dirty_only_when_the_package_or_its_configs_changed(tmp_path, monkeypatch):
+    import subprocess
+
+    import sparsebench
+    from sparsebench import provenance
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "sparsebench").mkdir()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "sparsebench" / "__init__.py").write_text("")
+    (tmp_path / "conf" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "README.md").write_text("hello\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    monkeypatch.setattr(sparsebench, "__file__", str(tmp_path / "sparsebench" / "__init__.py"))
+    assert provenance.code_version()["dirty"] is False
+    (tmp_path / "README.md").write_text("edited\n")  # documentation is not code
+    (tmp_path / "results.txt").write_text("new\n")
+    assert provenance.code_version()["dirty"] is False
+    (tmp_path / "sparsebench" / "kernels.py").write_text("x = 1\n")  # an uncommitted new module is
+    assert provenance.code_version()["dirty"] is True
+    (tmp_path / "sparsebench" / "kernels.py").unlink()
+    (tmp_path / "conf" / "config.yaml").write_text("seed: 1\n")
+    assert provenance.code_version()["dirty"] is True
+    assert len(provenance.code_version()["commit"]) == 40
