@@ -102,6 +102,19 @@ def test_run_follows_the_plan_at_every_step(options):
     assert {s for s in range(1, 70) if h.method.densities_at(s) != h.method.densities_at(s - 1)} <= updates
 
 
+@pytest.mark.parametrize("variant", [GaPVariant.cyclic, GaPVariant.parallel])
+def test_no_finetune_still_ends_at_the_target_sparsity(variant):
+    # finetune_fraction=0 once left the last grown partition dense (60 % sparse instead of 90 %):
+    # its prune was due at step 60 of a 60-step run. Now at least one step is left to the fine-tune
+    # (here 59 steps make 6 GaP steps of 9, and the 6 left over fine-tune).
+    h = Harness("gap", 0.9, {"variant": variant, "kappa": 3, "rounds": 2, "finetune_fraction": 0.0}, model=mlp_bn(),
+                total_steps=60)
+    assert h.method.finetune_start == 54 and h.method.step_length == 9
+    h.run()
+    assert engine_densities(h.engine) == h.method.target.densities
+    assert_invariants(h.engine)
+
+
 def test_initial_step_gives_the_official_one_plus_kappa_rounds_steps():
     h = Harness("gap", 0.9, {"kappa": 3, "rounds": 2, "finetune_fraction": 0.2, "initial_step": True,
                              "restart_each_step": True}, model=mlp(4), total_steps=70)

@@ -195,7 +195,9 @@ class GaP(SparsityMethod):
         if not parallel and o.combine is not Combine.copy:
             raise UserError(f"method.combine={o.combine.value} is for variant=parallel; C-GaP combines no replicas")
         self.n_steps = o.kappa * o.rounds + (1 if o.initial_step else 0)
-        self.finetune_start = self.total_steps - round(o.finetune_fraction * self.total_steps)
+        # At least one all-sparse step: the last dense partition is pruned (P-GaP: the last round
+        # combined) at the fine-tune's first step, so finetune_fraction=0 still ends sparse.
+        self.finetune_start = self.total_steps - max(1, round(o.finetune_fraction * self.total_steps))
         self.step_length = self.finetune_start // self.n_steps
         if self.step_length < 1:
             raise UserError(
