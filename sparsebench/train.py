@@ -32,6 +32,7 @@ from sparsebench.live_log import TensorBoardLog
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
 from sparsebench.provenance import provenance
+from sparsebench.replica_ranks import ReplicaRanks
 from sparsebench.schedules import lr_at
 from sparsebench.sparse import backend as training_backend
 from sparsebench.sparse.allocation import layer_densities
@@ -264,7 +265,19 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         x, y = next(iter(train_loader(run, 0)))
         return x.to(device), y.to(device)
 
-    ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log, first_batch)
+    # P-GaP on kappa ranks: each rank trains its own replica, no gradient is shared (replica_ranks.py)
+    replicas = ReplicaRanks.for_run(method, processes)
+    data_ranks = distributed.SINGLE if replicas.active else processes  # ranks sharing each batch (DDP)
+
+    def write_events(step: int, epoch: int, events: list) -> None:
+        log_mask_update(path, step, epoch, events)
+
+    def exchange(piece: dict) -> list[dict]:
+        return replicas.exchange(piece, ctx.step, ctx.step // run.steps_per_epoch, sums, engine, state,
+                                 write_events, publish)
+
+    ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log, first_batch,
+                      exchange if replicas.active else None)
     checkpoint_path = path / results.CHECKPOINT_FILE
     if checkpoint_path.is_file():
         state.update(checkpoint.load(checkpoint_path, run, scaler))
@@ -284,6 +297,9 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         if method.schedule_warning():
             log(method.schedule_warning())
     masks_at_last_eval = engine.masks()
+    replicas.start(state, masks_at_last_eval)
+    if replicas.active:
+        log(f"P-GaP: {processes.world_size} ranks train the {processes.world_size} replicas of each round side by side")
 
     live_log = TensorBoardLog(path) if o.tensorboard and writes else None
     show_bar = o.progress is Progress.bar or (o.progress is Progress.auto and sys.stderr.isatty())
@@ -292,13 +308,53 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
     started = time.perf_counter() - state["wall_time_s"]
     backend = training_backend.create(run, state.get("backend"), log)  # per-layer paths; a resumed run keeps them
     state["backend"] = backend.state_dict()
-    net = distributed.wrap(model, processes, device)  # DistributedDataParallel under torchrun
+    net = distributed.wrap(model, data_ranks, device)  # DistributedDataParallel under torchrun
+
+    def publish(record: dict) -> None:
+        """An epoch's line: metrics.jsonl (rank 0), the live log and the console."""
+        state["epoch"] = max(state["epoch"], record["epoch"])
+        state["best_test_acc"] = max(state["best_test_acc"], record["test_acc"])
+        state["last_eval"] = {k: record[k] for k in ("test_loss", "test_acc", "ece")}
+        if writes:
+            results.append_jsonl(path / results.METRICS_FILE, record)
+        if live_log:
+            live_log.write(record)
+        bar.set_postfix(epoch=record["epoch"], test_acc=f"{record['test_acc']:.2f}")
+        if not show_bar and record["epoch"] % max(1, o.epochs // 8) == 0 or record["epoch"] == o.epochs:
+            log(f"epoch {record['epoch']:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  "
+                f"test_acc {record['test_acc']:6.2f}  sparsity {record['actual_sparsity']:.4f}")
+
+    def epoch_record(epoch: int, lr: float, totals: list[float]) -> dict:
+        """Evaluate; the epoch's line. `totals`: the epoch's training-loss sum, correct predictions, examples."""
+        test_loss, test_acc, ece = evaluate(run)
+        state["wall_time_s"] = time.perf_counter() - started
+        masks = engine.masks()
+        return {
+            "epoch": epoch + 1, "step": state["step"], "lr": lr,
+            "train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
+            "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
+            "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
+            "weights_changed": sum(int((masks[n] != masks_at_last_eval[n]).sum()) for n in masks),
+            "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
+        }
+
+    def finish_epoch(record: dict) -> None:
+        publish(record)
+        backend.settle()  # the optimizer state is checkpointed as the masked backend would have it
+        if writes:
+            checkpoint.save(checkpoint_path, run, scaler, state)
+
     model.train()
     for epoch in range(state["epoch"], o.epochs):
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = [0.0, 0, 0]  # this epoch's training-loss sum, correct predictions, examples (this rank)
         for x, y in train_loader(run, epoch):
             ctx.step = state["step"]
             method.before_step(ctx)
+            if not replicas.trains(state["step"]):  # another rank's replica: walk past its batch
+                replicas.keep_events(state["step"], epoch + 1, engine.pop_mask_events(), write_events)
+                state["step"] += 1
+                bar.update()
+                continue
             backend.begin_step(state["step"])
             lr = lr_at(
                 state["step"] - state["lr_origin"], state["lr_span"], cfg.optimizer_options.lr, cfg.schedule,
@@ -308,11 +364,14 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batch = len(y)  # the global batch; each rank trains on its share
-            x, y = processes.shard(x).to(device, non_blocking=True), processes.shard(y).to(device, non_blocking=True)
+            x, y = data_ranks.shard(x).to(device, non_blocking=True), data_ranks.shard(y).to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
-            if not distributed.agree(bool(torch.isfinite(loss)), processes):
+            if replicas.active and not torch.isfinite(loss) and state["step"] < replicas.finetune_start:
+                raise UserError(f"P-GaP replica of rank {processes.rank} diverged at step {state['step']} "
+                                f"(loss {loss.item()}); the run stops at its last checkpoint")
+            if not distributed.agree(bool(torch.isfinite(loss)), data_ranks):
                 if writes:
                     _write_diverged(path, run, state, started)
                 bar.close()
@@ -321,14 +380,13 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * processes.loss_scale(len(y), batch)).backward()
+            scaler.scale(loss * data_ranks.loss_scale(len(y), batch)).backward()
             finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
-            if distributed.agree_any(bool(engine.mask_events), processes):
-                distributed.check_masks(engine.masks(), processes)  # every rank holds rank 0's masks
-            if engine.mask_events:
-                events = engine.pop_mask_events()
-                if writes:
-                    log_mask_update(path, state["step"], epoch + 1, events)
+            if distributed.agree_any(bool(engine.mask_events), data_ranks):
+                distributed.check_masks(engine.masks(), data_ranks)  # every rank holds rank 0's masks
+            events = engine.pop_mask_events()
+            if writes or replicas.active:
+                replicas.keep_events(state["step"], epoch + 1, events, write_events)
 
             dense_grad = method.dense_weight_grad(state["step"])
             if flops_cache[:2] != (engine.version, dense_grad):
@@ -336,39 +394,19 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             state["train_flops"] += flops_cache[2] * batch  # counted once, for the global batch
             state["train_flops_dense"] += counter.dense_train_step() * batch
             state["step"] += 1
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            sums[0] += loss.item() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[2] += len(y)
             bar.update()
 
-        loss_sum, correct, seen = distributed.sum_over_ranks([loss_sum, correct, seen], processes)
-        test_loss, test_acc, ece = evaluate(run)
-        state["last_eval"] = {"test_loss": test_loss, "test_acc": test_acc, "ece": ece}
-        state["epoch"] = epoch + 1
-        state["best_test_acc"] = max(state["best_test_acc"], test_acc)
-        state["wall_time_s"] = time.perf_counter() - started
-        masks = engine.masks()
-        changed = sum(int((masks[n] != masks_at_last_eval[n]).sum()) for n in masks)
-        masks_at_last_eval = masks
-        record = {
-            "epoch": epoch + 1, "step": state["step"], "lr": lr,
-            "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-            "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
-            "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
-            "weights_changed": changed, "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
-        }
-        if writes:
-            results.append_jsonl(path / results.METRICS_FILE, record)
-        if live_log:
-            live_log.write(record)
-        bar.set_postfix(epoch=epoch + 1, test_acc=f"{test_acc:.2f}")
-        if not show_bar and (epoch + 1) % max(1, o.epochs // 8) == 0 or epoch + 1 == o.epochs:
-            log(f"epoch {epoch + 1:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  test_acc {test_acc:6.2f}  "
-                f"sparsity {record['actual_sparsity']:.4f}")
-        backend.settle()  # the optimizer state is checkpointed as the masked backend would have it
-        if writes:
-            checkpoint.save(checkpoint_path, run, scaler, state)
-        distributed.barrier(processes)  # no rank starts an epoch its peers could not resume from
+        sums = distributed.sum_over_ranks(sums, data_ranks)
+        if replicas.active:  # the line waits for the other ranks' share unless this rank can write it now
+            replicas.end_epoch(epoch, sums, state["step"] - 1, state, lambda totals: epoch_record(epoch, lr, totals),
+                               engine.masks(), finish_epoch)
+        else:
+            finish_epoch(epoch_record(epoch, lr, sums))
+            masks_at_last_eval = engine.masks()
+        distributed.barrier(data_ranks)  # no rank starts an epoch its peers could not resume from
     bar.close()
     if live_log:
         live_log.close()

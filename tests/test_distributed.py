@@ -106,3 +106,69 @@ def test_loss_scale_makes_ranks_average_the_global_mean():
     assert torch.equal(p0.shard(x), torch.tensor([0.0, 1.0, 2.0])) and torch.equal(p1.shard(x), torch.tensor([3.0, 4.0]))
     averaged = (p0.shard(x).mean() * p0.loss_scale(3, 5) + p1.shard(x).mean() * p1.loss_scale(2, 5)) / 2
     assert averaged.item() == pytest.approx(x.mean().item())
+
+
+# P-GaP, 3 partitions; 480 training examples in batches of 128: 4 steps an epoch, 24 in all, GaP
+# steps of 3 (epochs and replica turns do not line up, so epochs span ranks and rounds).
+PGAP = ["method=gap", "method.variant=parallel", "method.kappa=3", "epochs=6", "dataset.num_samples=600",
+        "progress=none"]
+
+
+def _run_files(root) -> tuple[dict, list[dict], list[dict], dict]:
+    (run,) = [p.parent for p in root.rglob(results.FINAL_FILE)]
+    final = json.loads((run / results.FINAL_FILE).read_text())
+    metrics = [{k: v for k, v in m.items() if k != "wall_time_s"} for m in results.read_jsonl(run / results.METRICS_FILE)]
+    return final, metrics, results.read_jsonl(run / results.MASK_UPDATES_FILE), torch.load(run / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def pgap_reference(tmp_path_factory):
+    """P-GaP trained by one process with one thread, as each torchrun rank has."""
+    root = tmp_path_factory.mktemp("pgap_one")
+    one = torchrun([*PGAP, f"results_root={root}"], nproc=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    return _run_files(root)
+
+
+def assert_same_run(files, reference) -> None:
+    final, metrics, masks, model = files
+    final1, metrics1, masks1, model1 = reference
+    assert set(model) == set(model1) and all(torch.equal(model[k], model1[k]) for k in model1)
+    assert metrics == metrics1  # every epoch's line, whichever rank trained its steps
+    assert masks == masks1
+    for key in ("test_acc", "best_test_acc", "train_flops", "train_flops_dense", "itop_rate", "actual_sparsity",
+                "steps"):
+        assert final[key] == final1[key], key
+
+
+@pytest.mark.slow
+def test_pgap_replicas_on_their_own_ranks_give_the_one_process_run(tmp_path, pgap_reference):
+    three = torchrun([*PGAP, f"results_root={tmp_path}"], nproc=3)
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert "3 ranks train the 3 replicas of each round side by side" in three.stdout
+    files = _run_files(tmp_path)
+    assert_same_run(files, pgap_reference)
+    # One line a step that changed masks: the grow at step 0, a prune and the next grow (two ranks'
+    # changes) at steps 3, 6, ..., 15, the last prune at 18.
+    assert [m["step"] for m in files[2]] == [0, 3, 6, 9, 12, 15, 18]
+    assert files[0]["world_size"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epochs_done", [2, 3], ids=["mid-round", "replica-0-turn"])
+def test_pgap_killed_in_one_process_resumes_on_its_ranks(tmp_path, pgap_reference, interrupt_at_checkpoint,
+                                                        epochs_done):
+    # Epoch 2 ends at step 7, in replica 2's turn: replicas 0 and 1 are finished in the checkpoint.
+    # Epoch 3 ends at step 11, in replica 0's turn of round 2: what a rank-0 checkpoint holds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        interrupt = interrupt_at_checkpoint(epochs_done + 1)
+        assert cli.main(["train", *PGAP, f"results_root={tmp_path}"]) == 130
+        interrupt.remove()
+    finally:
+        torch.set_num_threads(threads)
+    resumed = torchrun([*PGAP, f"results_root={tmp_path}"], nproc=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"from epoch {epochs_done}" in resumed.stdout
+    assert_same_run(_run_files(tmp_path), pgap_reference)

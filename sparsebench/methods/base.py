@@ -62,6 +62,9 @@ class StepContext:
     # weights on data before the first step (prune-at-init: SNIP, GraSP, SynFlow); None in
     # harnesses without data.
     first_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Replicas on ranks of their own (replica_ranks.py): this rank's finished replica in, every
+    # rank's out, in replica order. None when one process trains every replica.
+    exchange: Callable[[dict], list[dict]] | None = None
 
 
 @dataclass
@@ -161,6 +164,16 @@ class SparsityMethod:
     def artifacts(self) -> dict[str, dict]:
         """Extra state_dicts to save beside model.pt as <name>.pt (AC/DC's paired dense model)."""
         return {}
+
+    def replica_plan(self) -> tuple[int, int, int] | None:
+        """For a method that trains independent replicas (P-GaP): (replicas, step where they end,
+        steps per replica turn), so that as many ranks can train them side by side
+        (sparsebench/replica_ranks.py); None for every other method."""
+        return None
+
+    def use_replica_rank(self, rank: int) -> None:
+        """From now on this process trains only replica `rank`; `ctx.exchange` swaps finished replicas."""
+        raise NotImplementedError(f"{self.name} has no replicas")
 
     # ---------------------------------------------------------------- the plan, for dry runs
     def mask_update_steps(self) -> list[int]:

@@ -10,9 +10,11 @@ The prunable tensors are cut into `kappa` partitions. Training is a sequence of 
   the engine draws them a fresh initial value instead, masked.py).
 * parallel (P-GaP): each round, kappa replicas start from the same sparse "combined" model,
   replica i grows partition i and trains one step; then partition i of replica i is magnitude
-  pruned and the pieces are assembled into the next combined model. With one device the
+  pruned and the pieces are assembled into the next combined model. In one process the
   replicas run one after another, so a round costs kappa steps of compute (as on kappa
-  machines) and kappa steps of wall time (unlike kappa machines).
+  machines) and kappa steps of wall time (unlike kappa machines); under torchrun with kappa
+  ranks each rank trains one replica and a round takes one step of wall time, with the same
+  result (sparsebench/replica_ranks.py).
 
 Initial masks. `first_partition=dense` (what `auto` means for C-GaP) follows the official
 scripts: the first partition simply gets no mask, so it trains dense from its random
@@ -260,8 +262,9 @@ class GaP(SparsityMethod):
         )
         if self.options.initial_step:
             ctx.log(f"{variant}: one initial step before the rounds, {self.n_steps} GaP steps in all")
-        if self.options.variant is GaPVariant.parallel:
-            ctx.log(f"P-GaP: one device, so the {kappa} replicas of each round run one after another")
+        if self.options.variant is GaPVariant.parallel and self.replica_rank is None:
+            ctx.log(f"P-GaP: one process, so the {kappa} replicas of each round run one after another "
+                    f"(torchrun --nproc_per_node={kappa} trains them side by side)")
         if not self.dense_first_partition:
             self.random_start(ctx)
             return
@@ -296,12 +299,26 @@ class GaP(SparsityMethod):
             self.engine.grow_dense(self.partitions[index % kappa], ctx.optimizer)
 
     # ------------------------------------------------------------ P-GaP
+    replica_rank: int | None = None  # set when each rank trains one replica (replica_ranks.py)
+
+    def replica_plan(self) -> tuple[int, int, int] | None:
+        if self.options.variant is not GaPVariant.parallel:
+            return None
+        return self.options.kappa, self.finetune_start, self.step_length
+
+    def use_replica_rank(self, rank: int) -> None:
+        self.replica_rank = rank
+
     def _parallel_boundary(self, index: int, ctx: StepContext) -> None:
-        kappa = self.options.kappa
+        kappa, mine = self.options.kappa, self.replica_rank
         replica = index % kappa
-        if index > 0:
+        if index > 0 and mine in (None, (index - 1) % kappa):
             self._finish_replica((index - 1) % kappa, ctx)
         if index > 0 and replica == 0:  # a round ended (n_steps is a multiple of kappa)
+            if mine is not None:  # each rank holds its own replica: swap them
+                # Own piece: the only one, or (resumed from one process's checkpoint mid-round) the
+                # one at this rank's place among those that process had finished.
+                self.pieces = ctx.exchange(self.pieces[mine] if len(self.pieces) > mine else self.pieces[-1])
             self._assemble()
         if index == self.n_steps:
             ctx.reset_optimizer()
@@ -309,8 +326,14 @@ class GaP(SparsityMethod):
         if replica == 0:  # a new round: every replica starts from this combined model
             self.combined = self._snapshot()
             self.pieces: list[dict] = []
-        else:
+        elif mine in (None, replica):
             self._restore(self.combined)
+        if mine not in (None, replica):
+            return  # another rank trains this replica
+        if mine is not None:  # count what the replicas before this one explored, as one process does
+            for earlier in self.partitions[:replica]:
+                for name in earlier:
+                    self.engine.ever_active[name].fill_(True)
         ctx.reset_optimizer()  # each replica is a fresh worker: no momentum from another replica
         self.engine.grow_dense(self.partitions[replica], ctx.optimizer)
 
@@ -368,6 +391,9 @@ class GaP(SparsityMethod):
             "densities": {n: self.pieces[owner[n]]["engine"]["densities"][n] for n in self.engine.names},
         }
         self._restore({"model": state, "engine": engine_state})
+        for piece in self.pieces:  # what any replica explored stays explored (replicas on ranks)
+            for name, explored in piece["engine"]["ever_active"].items():
+                self.engine.ever_active[name] |= explored
         self.engine.apply_masks()
 
     # ------------------------------------------------------------ plan
