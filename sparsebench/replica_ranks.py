@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from sparsebench.distributed import Processes
+from sparsebench.sparse.masked import MaskedModel
 
 Partial = list[float]  # [training-loss sum, correct predictions, examples] of some steps of an epoch
 
@@ -42,26 +43,22 @@ def _add(a: Partial | None, b: Partial | None) -> Partial:
     return [x + y for x, y in zip(a or [0.0, 0, 0], b or [0.0, 0, 0])]
 
 
-def _changed(masks: dict[str, torch.Tensor], previous: dict[str, torch.Tensor]) -> int:
-    return sum(int((masks[n] != previous[n]).sum()) for n in masks)
-
-
 class ReplicaRanks:
     """Which steps this rank trains, and everything the ranks exchange at a round's end.
 
-    Inactive (every step trained here, nothing exchanged) unless the method spreads replicas
-    over exactly as many ranks as there are processes."""
+    Inactive (every step trained here, nothing exchanged) without `replicas`: `for_run` gives
+    them only when the method spreads replicas over exactly as many ranks as there are processes."""
 
-    def __init__(self, processes: Processes, replicas: int | None, finetune_start: int | None = None,
+    def __init__(self, processes: Processes, replicas: int | None = None, finetune_start: int | None = None,
                  step_length: int | None = None):
-        self.active = processes.active and replicas == processes.world_size
+        self.active = replicas is not None
         self.rank = processes.rank
         self.kappa = replicas or 1
         self.finetune_start = finetune_start
         self.step_length = step_length
         self.carry: dict[int, Partial] = {}  # epoch -> sums of steps exchanged already (earlier rounds)
         self.own: dict[int, Partial] = {}  # epoch -> sums of the steps this rank trained since the exchange
-        self.ended: list[dict] = []  # epochs this rank ended since the exchange: record, masks, written
+        self.ended: list[dict] = []  # epochs this rank ended since the exchange: record, masks, rank, FLOPs
         self.events: list[tuple[int, int, list]] = []  # (step, epoch, mask events) kept for the exchange
         self.pending: dict[int, list] = {}  # rank 0: other ranks' mask events of a step rank 0 trains
         self.flops_at_exchange: tuple[float, float] | None = None
@@ -76,7 +73,7 @@ class ReplicaRanks:
     def for_run(cls, method, processes: Processes) -> "ReplicaRanks":
         plan = method.replica_plan()  # (replicas, fine-tune start, GaP step length) or None
         if plan is None or not processes.active or plan[0] != processes.world_size:
-            return cls(processes, None)
+            return cls(processes)
         ranks = cls(processes, *plan)
         method.use_replica_rank(processes.rank)
         return ranks
@@ -113,7 +110,7 @@ class ReplicaRanks:
         total = _add(self.carry.get(epoch), self.own[epoch])
         record = make_record(total)
         if self.rank == 0:  # everything before this epoch end is known here: write it now
-            record["weights_changed"] = _changed(masks, self.last_masks)
+            record["weights_changed"] = MaskedModel.masks_changed(masks, self.last_masks)
             finish(record)
             self.last_masks = masks
         else:
@@ -157,7 +154,7 @@ class ReplicaRanks:
             record.update(train_loss=loss / seen, train_acc=100.0 * correct / seen)
             # The ranks before r trained all of their steps of this round before this epoch ended.
             record["train_flops"] = ended["flops"][0] + sum(g["flops"][0] for g in gathered[:r])
-            record["weights_changed"] = _changed(ended["masks"], previous)
+            record["weights_changed"] = MaskedModel.masks_changed(ended["masks"], previous)
             previous = ended["masks"]
             if self.rank == 0:
                 publish(record)

@@ -334,7 +334,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             "train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
             "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
             "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
-            "weights_changed": sum(int((masks[n] != masks_at_last_eval[n]).sum()) for n in masks),
+            "weights_changed": MaskedModel.masks_changed(masks, masks_at_last_eval),
             "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
 

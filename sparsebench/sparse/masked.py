@@ -158,6 +158,11 @@ class MaskedModel:
         nonzero = sum(int(t.param.count_nonzero()) for t in self.tensors.values())
         return 1.0 - nonzero / total
 
+    @staticmethod
+    def masks_changed(masks: Mapping[str, torch.Tensor], previous: Mapping[str, torch.Tensor]) -> int:
+        """Entries whose mask differs between two `masks()` snapshots (metrics' weights_changed)."""
+        return sum(int((masks[n] != previous[n]).sum()) for n in masks)
+
     def masks(self) -> dict[str, torch.Tensor]:
         return {n: t.mask.clone() for n, t in self.tensors.items()}
 
