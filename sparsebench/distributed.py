@@ -100,19 +100,19 @@ def check_masks(masks: dict[str, torch.Tensor], processes: Processes) -> None:
 
 def agree(flag: bool, processes: Processes) -> bool:
     """True only if every rank says True (a loss that is finite everywhere, a run claimed by rank 0)."""
-    if not processes.active:
-        return flag
-    value = torch.tensor([1 if flag else 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return _reduce_flag(flag, processes, dist.ReduceOp.MIN)
 
 
 def agree_any(flag: bool, processes: Processes) -> bool:
     """True if any rank says True (a mask changed somewhere: every rank then checks its masks)."""
+    return _reduce_flag(flag, processes, dist.ReduceOp.MAX)
+
+
+def _reduce_flag(flag: bool, processes: Processes, op) -> bool:
     if not processes.active:
         return flag
     value = torch.tensor([1 if flag else 0])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=op)
     return bool(value.item())
 
 
