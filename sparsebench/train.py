@@ -324,11 +324,11 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             log(f"epoch {record['epoch']:>3}/{o.epochs}  train_loss {record['train_loss']:.4f}  "
                 f"test_acc {record['test_acc']:6.2f}  sparsity {record['actual_sparsity']:.4f}")
 
-    def epoch_record(epoch: int, lr: float, totals: list[float]) -> dict:
-        """Evaluate; the epoch's line. `totals`: the epoch's training-loss sum, correct predictions, examples."""
+    def epoch_record(epoch: int, lr: float, totals: list[float], masks: dict[str, torch.Tensor]) -> dict:
+        """Evaluate; the epoch's line. `totals`: the epoch's training-loss sum, correct predictions,
+        examples; `masks`: the masks now."""
         test_loss, test_acc, ece = evaluate(run)
         state["wall_time_s"] = time.perf_counter() - started
-        masks = engine.masks()
         return {
             "epoch": epoch + 1, "step": state["step"], "lr": lr,
             "train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
@@ -400,12 +400,13 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             bar.update()
 
         sums = distributed.sum_over_ranks(sums, data_ranks)
+        masks = engine.masks()
         if replicas.active:  # the line waits for the other ranks' share unless this rank can write it now
-            replicas.end_epoch(epoch, sums, state["step"] - 1, state, lambda totals: epoch_record(epoch, lr, totals),
-                               engine.masks(), finish_epoch)
+            replicas.end_epoch(epoch, sums, state["step"] - 1, state,
+                               lambda totals: epoch_record(epoch, lr, totals, masks), masks, finish_epoch)
         else:
-            finish_epoch(epoch_record(epoch, lr, sums))
-            masks_at_last_eval = engine.masks()
+            finish_epoch(epoch_record(epoch, lr, sums, masks))
+            masks_at_last_eval = masks
         distributed.barrier(data_ranks)  # no rank starts an epoch its peers could not resume from
     bar.close()
     if live_log:
