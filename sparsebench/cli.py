@@ -35,6 +35,10 @@ commands:
                       sparsebench train method=gap sparsity=0.9
                       sparsebench train -m method=gap,gmp,static seed=0,1,2
                       sparsebench train --cfg job        (show the composed config)
+  search method=random_search|evopress|dass [overrides]
+                      a search (resumable, sweepable like train), e.g.
+                      sparsebench search method=evopress sparsity=0.9
+                      sparsebench search -m method=random_search sparsity=0.5,0.75,0.9 seed=0,1,2
   report PATH         tables and plots from a results tree
   status PATH | [-m] OVERRIDES
                       which runs are done, running, resumable or missing (trains nothing)
@@ -235,7 +239,7 @@ def check_results_root(root: str) -> None:
         raise UserError(f"results_root={root}: cannot create or write {path} ({existing} is not a writable directory)")
 
 
-def prevalidate(args: list[str]) -> set[Path]:
+def prevalidate(args: list[str], command: str = "train") -> set[Path]:
     """Compose, validate and dry-build every job of the command before any job starts.
 
     The dry build (train.check_run) makes the model on PyTorch's meta device, so it costs no
@@ -272,18 +276,31 @@ def prevalidate(args: list[str]) -> set[Path]:
             resolved = resolve(composer.compose(job))
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(one_line(exc)) from None
-        config = validate(resolved)
-        sweep_roots.add(Path(config.run.results_root) / config.run.exp / ".multirun")
-        if config.run.results_root not in checked_roots:
-            check_results_root(config.run.results_root)
-            checked_roots.add(config.run.results_root)
-        build_key = json.dumps({k: v for k, v in resolved.items() if k != "seed"}, sort_keys=True, default=str)
-        if not config.run.rerun and results.is_complete(results.run_dir(resolved)):
-            continue  # a finished run is skipped by the job without being built: no dry build either
-        if build_key not in built and not printing_only:
-            check_run(config, data_cache)
-            built.add(build_key)
+        for config, arm in _runs_to_check(resolved, command, validate):
+            sweep_roots.add(Path(config.run.results_root) / config.run.exp / ".multirun")
+            if config.run.results_root not in checked_roots:
+                check_results_root(config.run.results_root)
+                checked_roots.add(config.run.results_root)
+            build_key = json.dumps({k: v for k, v in arm.items() if k != "seed"}, sort_keys=True, default=str)
+            if not config.run.rerun and results.is_complete(results.run_dir(arm)):
+                continue  # a finished run is skipped by the job without being built: no dry build either
+            if build_key not in built and not printing_only:
+                check_run(config, data_cache)
+                built.add(build_key)
     return sweep_roots
+
+
+def _runs_to_check(resolved: dict, command: str, validate) -> list[tuple]:
+    """(Config, resolved) of what a job will build: the run itself for `train`; for `search`,
+    its training keys and the arms it trains first (the arms after it read the search's output,
+    which does not exist yet: their options are validated, their models built when they start)."""
+    if command == "train":
+        return [(validate(resolved), resolved)]
+    from sparsebench.search import plan_search
+    from sparsebench.search.base import training_view
+
+    plan = plan_search(resolved)
+    return [(plan.search.cfg, training_view(resolved)), *plan.arms_before]
 
 
 # ---------------------------------------------------------------------------- the Hydra task
@@ -298,16 +315,39 @@ def run_job(cfg: DictConfig) -> None:
     train(config, resolved, OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def hydra_train(cfg: DictConfig) -> None:
+def run_search_job(cfg: DictConfig) -> None:
+    """One search job (sparsebench/search/job.py). Raises UserError / RunInterrupted."""
+    from sparsebench.search.job import run_search
+
+    plugins.load(cfg.get("plugins") or [])
+    run_search(resolve(cfg))
+
+
+JOBS = {"train": run_job, "search": run_search_job}
+
+
+def _hydra_task(command: str, cfg: DictConfig) -> None:
     try:
-        run_job(cfg)
+        JOBS[command](cfg)
     except RunInterrupted as exc:
-        print(f"sparsebench train: {exc}", file=sys.stderr)
+        print(f"sparsebench {command}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except UserError as exc:
-        print(f"sparsebench train: error: {exc}", file=sys.stderr)
+        print(f"sparsebench {command}: error: {exc}", file=sys.stderr)
         sys.exit(2)  # SystemExit passes through Hydra's exception reporting
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def hydra_train(cfg: DictConfig) -> None:
+    _hydra_task("train", cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def hydra_search(cfg: DictConfig) -> None:
+    _hydra_task("search", cfg)
+
+
+HYDRA_APPS = {"train": hydra_train, "search": hydra_search}
 
 
 def is_single_plain_run(overrides: list[str], flags: dict[str, str], multirun: bool) -> bool:
@@ -317,18 +357,20 @@ def is_single_plain_run(overrides: list[str], flags: dict[str, str], multirun: b
     return not multirun and plain_flags and not any(o.lstrip("+~").startswith("hydra") for o in overrides)
 
 
-def train_command(args: list[str]) -> int:
+def train_command(args: list[str], command: str = "train") -> int:
+    """`sparsebench train ...`, and `sparsebench search ...` (command="search"), which composes
+    the same config tree and runs through the same Hydra machinery (sweeps, launchers)."""
     try:
         overrides, flags, multirun = split_arguments(args)
         plugins.load(plugins.from_overrides(overrides))  # before composing: method=<a plug-in's> must compose
         if is_single_plain_run(overrides, flags, multirun):
-            return _train_single(overrides, flags.get("--config-dir") or flags.get("-cd"))
-        sweep_roots = set() if INFO_FLAGS.intersection(flags) else prevalidate(args)
+            return _train_single(overrides, flags.get("--config-dir") or flags.get("-cd"), command)
+        sweep_roots = set() if INFO_FLAGS.intersection(flags) else prevalidate(args, command)
     except UserError as exc:
-        return fail("train", str(exc))
-    sys.argv = [f"{Path(sys.argv[0]).name} train", *args]
+        return fail(command, str(exc))
+    sys.argv = [f"{Path(sys.argv[0]).name} {command}", *args]
     try:
-        hydra_train()
+        HYDRA_APPS[command]()
     except SystemExit as exc:  # the task's one-line errors, and Hydra's own exits
         return exc.code if isinstance(exc.code, int) else 1
     finally:
@@ -346,7 +388,7 @@ def remove_empty_job_folders(sweep_roots: set[Path]) -> None:
                 job.rmdir()
 
 
-def _train_single(overrides: list[str], config_dir: str | None) -> int:
+def _train_single(overrides: list[str], config_dir: str | None, command: str = "train") -> int:
     """A single run: its config composed once, its model built once (train() builds and checks
     everything before any directory exists, which is what pre-validation guarantees for sweeps)."""
     if config_dir is not None and not Path(config_dir).is_dir():
@@ -359,9 +401,9 @@ def _train_single(overrides: list[str], config_dir: str | None) -> int:
     if isinstance(cfg.get("results_root"), str):
         check_results_root(cfg.results_root)
     try:
-        run_job(cfg)
+        JOBS[command](cfg)
     except RunInterrupted as exc:
-        print(f"sparsebench train: {exc}", file=sys.stderr)
+        print(f"sparsebench {command}: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0
 
@@ -374,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     with interrupts.signals_as_exceptions():
         try:
-            if command == "train":
-                return train_command(rest)
+            if command in ("train", "search"):
+                return train_command(rest, command)
             if command == "status":
                 from sparsebench.sweep_status import main as status_main
 
@@ -397,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sparsebench {command}: interrupted ({interrupts.signal_name(exc)}); nothing was left half-written",
                   file=sys.stderr)
             return code
-    return fail(command, f"unknown command {command!r}; commands: train, report, status, export, bench")
+    return fail(command, f"unknown command {command!r}; commands: train, search, report, status, export, bench")
 
 
 def entry_point() -> None:

@@ -358,6 +358,11 @@ def validate(cfg: Mapping) -> Config:
     _check_run(run)
 
     method, method_raw = _group(cfg, "method")
+    if method not in METHODS:
+        from sparsebench.search import SEARCHES
+
+        if method in SEARCHES:
+            raise UserError(f"method={method} is a search, not a training method: run `sparsebench search method={method} ...`")
     method_cls = METHODS.get(method)
     method_options = parse_options(method_cls.Options, method_raw, "method.", f"method {method}")
 

@@ -265,6 +265,9 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         x, y = next(iter(train_loader(run, 0)))
         return x.to(device), y.to(device)
 
+    def train_batches(epoch: int):
+        return ((x.to(device), y.to(device)) for x, y in train_loader(run, epoch))
+
     # P-GaP on kappa ranks: each rank trains its own replica, no gradient is shared (replica_ranks.py)
     replicas = ReplicaRanks.for_run(method, processes)
     data_ranks = distributed.SINGLE if replicas.active else processes  # ranks sharing each batch (DDP)
@@ -277,7 +280,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                                  write_events, publish)
 
     ctx = StepContext(0, total_steps, run.steps_per_epoch, run.optimizer, reset_optimizer, restart_lr, log, first_batch,
-                      exchange if replicas.active else None)
+                      exchange if replicas.active else None, train_batches)
     checkpoint_path = path / results.CHECKPOINT_FILE
     if checkpoint_path.is_file():
         state.update(checkpoint.load(checkpoint_path, run, scaler))
@@ -420,7 +423,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
     final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
     final.update(inference_flops=counter.forward(engine.densities()), inference_flops_dense=counter.dense_forward,
-                 world_size=processes.world_size, provenance=origin)
+                 world_size=processes.world_size, provenance=origin, **method.summary())
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
     at_chance = final["test_acc"] <= final["chance_acc"] + CHANCE_MARGIN

@@ -65,6 +65,10 @@ class StepContext:
     # Replicas on ranks of their own (replica_ranks.py): this rank's finished replica in, every
     # rank's out, in replica order. None when one process trains every replica.
     exchange: Callable[[dict], list[dict]] | None = None
+    # The training split's batches of an epoch (inputs, labels on the run's device), in the
+    # order that epoch trains on, for methods that score masks on data (Random Search's proxy);
+    # None in harnesses without data.
+    train_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 @dataclass
@@ -163,6 +167,10 @@ class SparsityMethod:
 
     def artifacts(self) -> dict[str, dict]:
         """Extra state_dicts to save beside model.pt as <name>.pt (AC/DC's paired dense model)."""
+        return {}
+
+    def summary(self) -> dict:
+        """Extra entries for final.json (Random Search: the candidates' proxy scores and cost)."""
         return {}
 
     def replica_plan(self) -> tuple[int, int, int] | None:
