@@ -26,6 +26,7 @@ from sparsebench.reporting.load import CONFIG_FILE, OK, RESULT_COLUMNS, load_run
 from sparsebench.reporting.parallel import usable_cpus
 from sparsebench.reporting.reference import apply_reference, read_reference
 from sparsebench.reporting.render import to_html, to_latex, to_markdown
+from sparsebench.reporting.searches import search_blocks, split_searches
 from sparsebench.reporting.tables import METRIC_LABELS
 
 PROG = "sparsebench report"
@@ -100,9 +101,12 @@ def write_report(root: Path, out: Path, group_by: str, metric: str, plots: bool,
     grouping = parse_group_by(group_by)
     pooled = parse_pool(pool, grouping)
     entries = read_reference(reference) if reference is not None else None  # a bad file fails before the load
-    runs = load_runs(root, skip=out, jobs=jobs)
-    if runs.empty:
+    runs, searches = split_searches(load_runs(root, skip=out, jobs=jobs))
+    if runs.empty and searches.empty:
         raise UserError(f"no runs under {root} (a run directory holds a {CONFIG_FILE})")
+    if runs.empty:
+        raise UserError(f"only searches under {root}, no training run: report the tree that holds their arms "
+                        "(a search's trained models sit beside it)")
     check_group_by_columns(grouping, runs.columns)
     check_pool_columns(pooled, runs.columns)
     if entries is not None:
@@ -119,7 +123,8 @@ def write_report(root: Path, out: Path, group_by: str, metric: str, plots: bool,
 
         figures = table_figures(root, healthy, comparison, tables, budgets, jobs)
     health = check_health(labelled, grouping)
-    blocks = build_document(str(root), runs, comparison, tables, health, figures, budgets, identity)
+    blocks = build_document(str(root), runs, comparison, tables, health, figures, budgets, identity,
+                            search_blocks(root, searches, runs, plots))
     markdown = to_markdown(blocks)
     try:
         _write_outputs(out, root, blocks, markdown, runs, comparison.summary)

@@ -12,6 +12,7 @@ from sparsebench.config import factory_options
 from sparsebench.data import DATASETS
 from sparsebench.methods import METHODS
 from sparsebench.models import MODELS
+from sparsebench.search import SEARCHES
 
 CONF = Path(cli.CONFIG_DIR)
 
@@ -33,6 +34,11 @@ def python_defaults(options_cls) -> dict:
 @pytest.mark.parametrize("name", METHODS.names())
 def test_method_yaml_equals_its_options(name):
     assert yaml_options("method", name) == python_defaults(METHODS.get(name).Options)
+
+
+@pytest.mark.parametrize("name", SEARCHES.names())
+def test_search_yaml_equals_its_options(name):
+    assert yaml_options("method", name) == python_defaults(SEARCHES.get(name).Options)
 
 
 @pytest.mark.parametrize("name", MODELS.names())

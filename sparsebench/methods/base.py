@@ -106,6 +106,10 @@ class SparsityMethod:
     # densities, structured top-k) or the structured drop-and-grow of dst.py keep N:M or block
     # structure (`distribution.structure`); the others are refused with a structured engine.
     supports_structure: ClassVar[bool] = False
+    # True for methods whose masks remove whole hidden units (Random Search's node masks): their
+    # weight sparsity follows from the units kept, not from `sparsity`, and they need every layer
+    # in the engine, so the per-weight method tests (tests/test_methods.py) leave them out.
+    removes_units: ClassVar[bool] = False
 
     def __init__(
         self,

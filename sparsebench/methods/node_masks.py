@@ -55,7 +55,7 @@ class RandomSearchOptions:
 class NodeMaskMethod(SparsityMethod):
     """Hidden-unit masks: drawing them, turning them into weight masks, their densities."""
 
-    candidates = 1
+    removes_units = True
 
     def validate(self) -> None:
         name = self.registered_name()

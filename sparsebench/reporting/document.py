@@ -71,8 +71,10 @@ def build_document(
     figures: list[list[Image]] | None,
     budgets: list[Budget] | None = None,
     identity: Identity | None = None,
+    searches: list[Block] = (),
 ) -> list[Block]:
-    """Overview, then each table with its figures (`figures[i]` and `budgets[i]` belong to `tables[i]`), then health."""
+    """Overview, then each table with its figures (`figures[i]` and `budgets[i]` belong to `tables[i]`),
+    the searches (reporting/searches.py), then health."""
     budgets = budgets if budgets is not None else [Budget({}, {}) for _ in tables]
     categories = health_categories(health, comparison.modal_n)
     overview = _overview(source, runs, comparison, identity, categories)
@@ -82,7 +84,7 @@ def build_document(
         if figures is not None:
             caption = f"{budget.long()}{_dense_note(table)}"
             blocks += [replace(image, caption=f"{image.title}. {caption}") for image in figures[index]]
-    return blocks + _health_blocks(categories)
+    return blocks + list(searches) + _health_blocks(categories)
 
 
 def _overview(source: str, runs: pd.DataFrame, comparison: Comparison, identity: Identity | None,

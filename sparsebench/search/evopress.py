@@ -207,7 +207,8 @@ class EvoPress(Search):
 
         densities = db.densities(parent)
         header = (f"# EvoPress per-tensor densities at global sparsity {self.cfg.run.sparsity:g}, searched on the "
-                  f"trained dense run {dense_dir}.\n# Train with: distribution=custom distribution.file=<this file>\n")
+                  f"trained dense run {dense_dir}.\n# Train with: distribution=custom \"distribution.file='<this file>'\" "
+                  "(quoted: the path holds '=')\n")
         results.atomic_write_text(job.path / DENSITIES_FILE, header + yaml.safe_dump(densities, sort_keys=False))
         trajectory = [r["fitness"] for r in job.metrics()]
         dense_forward = sum(layer_forward_flops(model, run.data.input_shape).values())
@@ -245,9 +246,9 @@ def mutate(levels: list[int], db: LevelDatabase, max_flips: int, generator: torc
     child = list(levels)
     draws = torch.randint(1, max_flips + 1, (2,), generator=generator)
     for _ in range(int(draws.min())):
-        up = [i for i in range(len(child)) if child[i] < db.high[i]]
         down = [i for i in range(len(child)) if child[i] > db.low[i]]
-        if not up or not down or (len(up) == 1 and up == down):
+        up = [i for i in range(len(child)) if child[i] < db.high[i] and any(j != i for j in down)]
+        if not up:
             break
         a = up[int(torch.randint(len(up), (1,), generator=generator))]
         down = [i for i in down if i != a]
