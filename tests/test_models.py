@@ -17,8 +17,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 NUM_CLASSES = 7  # not 10, so a stray hard-coded CIFAR head cannot pass
 BATCH = 2
 RESIDUAL = {"resnet20", "resnet32", "resnet56", "wrn22_2", "wrn28_10", "resnet18", "resnet50"}
-SHAPES = {"cnn1d": [(1, 40)], "cnn1d_bn": [(1, 40)], "mlp": [(1, 28, 28), (3, 32, 32)], "lenet5": [(1, 28, 28), (3, 32, 32)]}
-FAST = {"resnet18": {"cifar_stem": True}, "resnet50": {"cifar_stem": True}}
+SHAPES = {"cnn1d": [(1, 40)], "cnn1d_bn": [(1, 40)], "dass": [(1, 40), (3, 32, 32)], "mlp": [(1, 28, 28), (3, 32, 32)], "lenet5": [(1, 28, 28), (3, 32, 32)]}
+# A genotype written by `sparsebench search method=dass` (MNIST-1D, seed 0): `dass` needs one.
+DASS_GENOTYPE = Path(__file__).resolve().parent / "fixtures" / "dass_genotype.json"
+FAST = {"resnet18": {"cifar_stem": True}, "resnet50": {"cifar_stem": True}, "dass": {"genotype": str(DASS_GENOTYPE)}}
 CASES = [
     pytest.param(name, shape, id=f"{name}-{'x'.join(map(str, shape))}")
     for name in list_models()

@@ -24,6 +24,7 @@ MODELS: Registry = Registry("model")
 # Imported for their side effect of registering factories in MODELS.
 from sparsebench.models import (  # noqa: E402, F401
     cnn,
+    dass_net,
     mlp,
     resnet_cifar,
     torchvision_models,

@@ -92,8 +92,8 @@ def search_blocks(root: Path, searches: pd.DataFrame, training_runs: pd.DataFram
     if evopress:
         frame = pd.DataFrame([{k: v for k, v in row.items() if k != "trajectory"} for row in evopress])
         blocks.append(Table(
-            "EvoPress: fitness (lower is better) of the uniform allocation and of the one found, on the last "
-            "stage's calibration batch; densities per tensor (use the run's densities.yaml with "
+            "EvoPress: fitness (lower is better) of the uniform allocation and of the one found, on one fresh "
+            "calibration batch of the last stage's size; densities per tensor (use the run's densities.yaml with "
             "distribution=custom distribution.file=...).", partial(plain_table, frame), False))
         if plots:
             blocks += _trajectory_images(evopress)
@@ -122,10 +122,11 @@ def _genotype_text(genotype) -> str:
         return ""
     parts = []
     for cell in ("normal", "reduce"):
-        edges = genotype.get(cell)
-        if isinstance(edges, list):
-            parts.append(f"{cell}: " + " ".join(
-                f"{e[0]}<-{e[1]}" if isinstance(e, (list, tuple)) and len(e) == 2 else str(e) for e in edges))
+        nodes = genotype.get(cell)
+        if isinstance(nodes, list):  # per intermediate node, its kept edges {"op", "input"}
+            parts.append(f"{cell}: " + " | ".join(
+                ", ".join(f"{e.get('op')}<-{e.get('input')}" for e in node if isinstance(e, dict))
+                for node in nodes if isinstance(node, list)))
     return "; ".join(parts)
 
 

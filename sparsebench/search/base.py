@@ -44,6 +44,7 @@ def arm_config(resolved: dict, method: str, **changes: Any) -> dict:
     arm = copy.deepcopy(resolved)
     method_cls = METHODS.get(method)
     arm["method"] = {"name": method, **dataclasses.asdict(method_cls.Options())}
+    arm["rerun"] = False  # `rerun=true` redoes the search's own work, not the runs it needs
     for key, value in changes.items():
         node = arm
         *parents, leaf = key.split(".")

@@ -205,6 +205,10 @@ class EvoPress(Search):
             if generation % max(1, o.generations // 10) == 0:
                 job.log(f"generation {generation:>4}/{o.generations}  fitness {fitness:.5f}")
 
+        # Uniform against found on one and the same fresh batch of the largest stage's size: the
+        # trajectory's values come from a different batch each generation, so they are noisy.
+        scorer.draw_batch(o.stage_examples[-1], generator)
+        fitness_uniform, fitness_found = scorer.fitness([[0] * len(db.names), parent])
         densities = db.densities(parent)
         header = (f"# EvoPress per-tensor densities at global sparsity {self.cfg.run.sparsity:g}, searched on the "
                   f"trained dense run {dense_dir}.\n# Train with: distribution=custom \"distribution.file='<this file>'\" "
@@ -215,7 +219,8 @@ class EvoPress(Search):
         return {
             "generations": o.generations, "offspring": o.offspring, "survivors": o.survivors,
             "stage_examples": o.stage_examples, "step": db.step, "fitness": o.fitness.value,
-            "fitness_uniform": trajectory[0], "fitness_final": trajectory[-1],
+            "fitness_uniform": fitness_uniform, "fitness_final": fitness_found,
+            "trajectory_first": trajectory[0], "trajectory_last": trajectory[-1],
             "levels": parent, "nnz": dict(zip(db.names, db.nnz(parent))), "densities": densities,
             "dense_run": str(dense_dir), "forward_examples": scorer.forward_examples,
             "search_flops": scorer.forward_examples * dense_forward, "wall_time_s": wall,

@@ -26,6 +26,8 @@ class RandomSearchArms(Search):
     has_directory = False
 
     def arms_after(self) -> list[dict]:
-        searched = arm_config(self.resolved, "random_search", **ALL_LAYERS)
+        rerun = {"rerun": bool(self.resolved.get("rerun"))}  # this search's own work is these two runs
+        searched = arm_config(self.resolved, "random_search", **ALL_LAYERS, **rerun)
         searched["method"] = dict(self.resolved["method"])  # the search's own options
-        return [searched, arm_config(self.resolved, "random_nodes", **ALL_LAYERS), arm_config(self.resolved, "dense")]
+        control = arm_config(self.resolved, "random_nodes", **ALL_LAYERS, **rerun)
+        return [searched, control, arm_config(self.resolved, "dense")]
