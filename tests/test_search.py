@@ -120,7 +120,7 @@ def test_evopress_writes_densities_that_train_with_exact_counts_and_is_determini
     # The search kept the uniform allocation's global count exactly.
     assert sum(nnz.values()) == sum(results_target(n, 0.9) for n in numel.values())
     # The file round-trips into training: a static run has exactly those counts per tensor.
-    proc = run_cli("train", "method=static", "distribution=custom", f"distribution.file={first / 'densities.yaml'}",
+    proc = run_cli("train", "method=static", "distribution=custom", f"distribution.file='{first / 'densities.yaml'}'",
                    *FAST, f"results_root={tmp_path / 'train'}")
     assert proc.returncode == 0, proc.stderr
     (model_file,) = (tmp_path / "train").rglob(results.MODEL_FILE)
@@ -134,7 +134,7 @@ def test_evopress_killed_mid_search_resumes_to_the_same_result(tmp_path):
     root = tmp_path / "killed"
     assert run_cli("train", "method=dense", *FAST, f"results_root={root}").returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "sparsebench", "search", *EVO_FAST, *FAST,
-                             "method.generations=400", f"results_root={root}"],
+                             "method.generations=150", f"results_root={root}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -149,10 +149,10 @@ def test_evopress_killed_mid_search_resumes_to_the_same_result(tmp_path):
         proc.wait()
     search_dir = evopress_dir_or_running(root)
     assert not (search_dir / results.FINAL_FILE).exists()
-    resumed = run_cli("search", *EVO_FAST, *FAST, "method.generations=400", f"results_root={root}")
+    resumed = run_cli("search", *EVO_FAST, *FAST, "method.generations=150", f"results_root={root}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at generation" in resumed.stdout
-    full = run_cli("search", *EVO_FAST, *FAST, "method.generations=400", f"results_root={tmp_path / 'full'}")
+    full = run_cli("search", *EVO_FAST, *FAST, "method.generations=150", f"results_root={tmp_path / 'full'}")
     assert full.returncode == 0
     assert without_time(results.read_jsonl(search_dir / results.METRICS_FILE)) == \
         without_time(results.read_jsonl(evopress_dir(tmp_path / "full") / results.METRICS_FILE))
