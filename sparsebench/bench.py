@@ -78,7 +78,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsebench import results
@@ -86,6 +85,7 @@ from sparsebench.errors import UserError
 from sparsebench.export import DTYPES, RunModel, block_fill, build_payload, choose_block, read_run
 from sparsebench.sparse import kernels
 from sparsebench.sparse.kernels import FORMATS, SparseFormatError
+from sparsebench.sparse.masked import masked_training_step
 
 PROG = "sparsebench bench"
 BENCH_FILE = "bench.json"
@@ -167,15 +167,7 @@ def _sgd_step_fn(model: nn.Module, masks: dict[str, torch.Tensor] | None):
     keep = {name: masks[name].to(params[name].dtype) for name in masks} if masks else {}
 
     def step(x, y):
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        with torch.no_grad():
-            for name, k in keep.items():
-                params[name].grad.mul_(k)
-        optimizer.step()
-        with torch.no_grad():
-            for name, k in keep.items():
-                params[name].mul_(k)
+        masked_training_step(model, optimizer, keep, x, y)
     return step
 
 

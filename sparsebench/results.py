@@ -38,6 +38,10 @@ NON_SEMANTIC_KEYS = (
     "results_root", "exp", "progress", "num_workers", "paper", "dry_run", "tensorboard", "plugins", "rerun",
 )
 NON_SEMANTIC_DATASET_KEYS = ("data_dir", "download")
+# Searches with a run directory of their own (search/): it holds what they found, no trained
+# model, so reports keep them out of the accuracy tables. Named here, not imported from the
+# search registry, so that reading a results tree never imports torch (a test keeps them equal).
+SEARCH_DIRECTORY_METHODS = ("dass", "evopress")
 
 
 # Keys added after results were first published, with the value that reproduces the earlier

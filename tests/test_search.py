@@ -307,3 +307,12 @@ def test_node_masks_need_every_layer_in_the_engine(tmp_path):
     proc = run_cli("train", "method=random_nodes", *FAST, f"results_root={tmp_path / 'r'}")
     assert proc.returncode == 2 and "distribution.dense_first=false distribution.dense_last=false" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_the_report_knows_every_search_with_a_directory_without_importing_it():
+    from sparsebench.methods import METHODS
+    from sparsebench.search import SEARCHES
+
+    with_directory = {name for name in SEARCHES.names() if SEARCHES.get(name).has_directory}
+    assert set(results.SEARCH_DIRECTORY_METHODS) == with_directory
+    assert not with_directory & set(METHODS.names())

@@ -37,6 +37,7 @@ from torch import nn
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
 from sparsebench.sparse.flops import FlopCounter, layer_forward_flops
+from sparsebench.sparse.masked import masked_training_step
 
 
 class Proxy(enum.Enum):
@@ -211,14 +212,7 @@ class RandomSearch(NodeMaskMethod):
             for epoch in range(self.options.proxy_epochs):
                 for x, y in ctx.train_batches(epoch):
                     self.proxy_examples_seen[0] += len(y)
-                    optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    for name, k in keep.items():
-                        params[name].grad.mul_(k)
-                    optimizer.step()
-                    with torch.no_grad():
-                        for name, k in keep.items():
-                            params[name].mul_(k)
+                    masked_training_step(model, optimizer, keep, x, y)
         return self._loss_on_examples(model, ctx)
 
     @torch.no_grad()

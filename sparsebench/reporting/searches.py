@@ -17,22 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from sparsebench.reporting.document import Block, Heading, Image, Table, Text, slug
+from sparsebench.reporting.document import Block, Heading, Image, Table, slug
 from sparsebench.reporting.load import FINAL_FILE, METRICS_FILE, _Unusable, read_capped
 from sparsebench.reporting.tables import plain_table
-
-
-def search_only_methods() -> set[str]:
-    """Searches that are not also training methods: their directories hold no trained model."""
-    from sparsebench.methods import METHODS
-    from sparsebench.search import SEARCHES
-
-    return {name for name in SEARCHES.names() if name not in METHODS}
+from sparsebench.results import SEARCH_DIRECTORY_METHODS
 
 
 def split_searches(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training runs, search directories) of a loaded results tree."""
-    is_search = runs["method"].isin(search_only_methods()) if "method" in runs else pd.Series(False, index=runs.index)
+    is_search = (runs["method"].isin(SEARCH_DIRECTORY_METHODS) if "method" in runs
+                 else pd.Series(False, index=runs.index))
     return runs[~is_search], runs[is_search]
 
 

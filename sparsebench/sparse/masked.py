@@ -384,3 +384,21 @@ def reset_optimizer_state(
     for value in state.values():
         if torch.is_tensor(value) and value.shape == param.shape:
             value[entries] = 0
+
+
+def masked_training_step(model: nn.Module, optimizer: torch.optim.Optimizer, keep: Mapping[str, torch.Tensor],
+                         x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One plain cross-entropy step of `model` outside a run (proxies, benchmarks) that keeps the
+    entries masked by `keep` ({parameter name: 0/1 tensor}) at zero: gradients masked before the
+    optimizer step, weights after it. Returns the loss."""
+    params = dict(model.named_parameters())
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    with torch.no_grad():
+        for name, k in keep.items():
+            params[name].grad.mul_(k)
+        optimizer.step()
+        for name, k in keep.items():
+            params[name].mul_(k)
+    return loss
