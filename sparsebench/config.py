@@ -187,7 +187,23 @@ class AdamOptions:
     weight_decay: float = 0.0
 
 
-OPTIMIZERS = {"sgd": SGDOptions, "adam": AdamOptions, "adamw": AdamOptions}
+@dataclass
+class MarsOptions:
+    """MARS-AdamW, approximate variant (mars.py); defaults from the official code's optimizer."""
+
+    lr: float = 3e-3
+    beta1: float = 0.95
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    gamma: float = 0.025  # weight of the gradient correction
+    beta1_1d: float = 0.9  # vectors (biases, norms) take AdamW with these betas and weight decay
+    beta2_1d: float = 0.95
+    weight_decay_1d: float = 0.1
+    kernels: bool = True  # conv kernels (>2-D) through MARS; false: AdamW, as the official code
+
+
+OPTIMIZERS = {"sgd": SGDOptions, "adam": AdamOptions, "adamw": AdamOptions, "mars": MarsOptions}
 
 
 @dataclass
@@ -330,8 +346,12 @@ def _check_optimizer(name: str, o) -> None:
         _require(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum}: expected a value in [0, 1)")
         _require(not o.nesterov or o.momentum > 0, "optimizer.nesterov=true needs optimizer.momentum > 0")
     else:
-        for key in ("beta1", "beta2"):
+        betas = ("beta1", "beta2", "beta1_1d", "beta2_1d") if isinstance(o, MarsOptions) else ("beta1", "beta2")
+        for key in betas:
             _require(0 <= getattr(o, key) < 1, f"optimizer.{key}={getattr(o, key)}: expected a value in [0, 1)")
+        if isinstance(o, MarsOptions):
+            _require(o.gamma >= 0, f"optimizer.gamma={o.gamma}: expected a value >= 0")
+            _require(o.weight_decay_1d >= 0, f"optimizer.weight_decay_1d={o.weight_decay_1d}: expected a value >= 0")
         _require(o.eps > 0, f"optimizer.eps={o.eps}: expected a positive number")
 
 

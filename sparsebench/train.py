@@ -29,6 +29,7 @@ from sparsebench.config import Config, Device, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import RunInterrupted, UserError
 from sparsebench.live_log import TensorBoardLog
+from sparsebench.mars import MarsAdamW
 from sparsebench.methods import METHODS, SparsityMethod, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
 from sparsebench.provenance import provenance
@@ -67,6 +68,10 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
         return torch.optim.SGD(
             model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
         )
+    if cfg.optimizer == "mars":
+        return MarsAdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                         gamma=o.gamma, betas_1d=(o.beta1_1d, o.beta2_1d), weight_decay_1d=o.weight_decay_1d,
+                         kernels=o.kernels)
     adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 

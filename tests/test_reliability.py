@@ -45,6 +45,7 @@ METHODS_WITH_STATE = [
     ["method=gap", "method.rounds=1"],
     ["method=gap", "method.variant=parallel", "method.rounds=1"],
     ["method=rigl", "method.delta_t=3"],
+    ["method=rigl", "optimizer=mars", "method.delta_t=3"],  # MARS's previous gradient is checkpointed
     ["method=acdc"],
     ["method=dpf"],
     # Random Search: the proxy-scored choice and its scores live in the checkpoint, not redone.
