@@ -357,6 +357,15 @@ def is_single_plain_run(overrides: list[str], flags: dict[str, str], multirun: b
     return not multirun and plain_flags and not any(o.lstrip("+~").startswith("hydra") for o in overrides)
 
 
+SEARCH_HELP = (
+    "sparsebench search: a search (method=random_search|evopress|dass) as a resumable job; training keys "
+    "apply to the runs it trains (docs/search.md).\n"
+    "  sparsebench search method=evopress sparsity=0.9\n"
+    "  sparsebench search -m method=random_search sparsity=0.5,0.75,0.9 seed=0,1,2\n"
+    "Any key below is set with key=value (method.generations=50), a group with group=option."
+)
+
+
 def train_command(args: list[str], command: str = "train") -> int:
     """`sparsebench train ...`, and `sparsebench search ...` (command="search"), which composes
     the same config tree and runs through the same Hydra machinery (sweeps, launchers)."""
@@ -368,6 +377,8 @@ def train_command(args: list[str], command: str = "train") -> int:
         sweep_roots = set() if INFO_FLAGS.intersection(flags) else prevalidate(args, command)
     except UserError as exc:
         return fail(command, str(exc))
+    if command == "search" and {"--help", "-h"} & set(flags):
+        args = [*args, f"hydra.help.header='{SEARCH_HELP}'"]
     sys.argv = [f"{Path(sys.argv[0]).name} {command}", *args]
     try:
         HYDRA_APPS[command]()

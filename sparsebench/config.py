@@ -188,14 +188,12 @@ class AdamOptions:
 
 
 @dataclass
-class MarsOptions:
+class MarsOptions(AdamOptions):
     """MARS-AdamW, approximate variant (mars.py); defaults from the official code's optimizer."""
 
     lr: float = 3e-3
     beta1: float = 0.95
     beta2: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.0
     gamma: float = 0.025  # weight of the gradient correction
     beta1_1d: float = 0.9  # vectors (biases, norms) take AdamW with these betas and weight decay
     beta2_1d: float = 0.95

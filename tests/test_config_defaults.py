@@ -49,3 +49,9 @@ def test_model_yaml_equals_its_factory(name):
 @pytest.mark.parametrize("name", DATASETS.names())
 def test_dataset_yaml_equals_its_loader(name):
     assert yaml_options("dataset", name) == python_defaults(factory_options(DATASETS.get(name)))
+
+
+def test_mars_yaml_equals_its_options():
+    from sparsebench.config import MarsOptions
+
+    assert yaml_options("optimizer", "mars") == python_defaults(MarsOptions)

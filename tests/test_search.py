@@ -316,3 +316,9 @@ def test_the_report_knows_every_search_with_a_directory_without_importing_it():
     with_directory = {name for name in SEARCHES.names() if SEARCHES.get(name).has_directory}
     assert set(results.SEARCH_DIRECTORY_METHODS) == with_directory
     assert not with_directory & set(METHODS.names())
+
+
+def test_search_help_describes_searches():
+    proc = run_cli("search", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("sparsebench search: a search")
+    assert "method: " in proc.stdout and "evopress" in proc.stdout
