@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -20,6 +21,7 @@ from sparsebench import cli, results
 from sparsebench.data import load_dataset as real_load_dataset
 from sparsebench.errors import UserError
 from sparsebench.models import create_model
+from sparsebench.models import dass_net
 from sparsebench.models.dass_net import GENOTYPE_FORMAT, GENOTYPE_VERSION, read_genotype
 from sparsebench.search import dass
 from sparsebench.search.base import STATE_FILE, SearchJob, plan_search
@@ -82,6 +84,13 @@ def test_search_through_the_cli_is_deterministic_and_retrains_what_it_found(tmp_
     trained = json.loads((arm / results.FINAL_FILE).read_text())
     assert trained["status"] == "completed" and arm.parts[-4] == "dass"
     assert 0.85 < trained["actual_sparsity"] <= 0.9  # 2-channel layers: each keeps N - floor(0.9 N) weights
+    # The retrain names the genotype's content, so a changed file is refused rather than reused.
+    retrain_model = yaml.safe_load((arm / results.CONFIG_FILE).read_text())["model"]
+    assert retrain_model["genotype_sha256"] == dass_net.genotype_digest(str(a / dass.GENOTYPE_FILE))
+    changed = tmp_path / "changed.json"
+    changed.write_text((a / dass.GENOTYPE_FILE).read_text() + "\n")
+    with pytest.raises(UserError, match="the file changed since this run was configured"):
+        dass_net.dass((1, 40), 10, genotype=str(changed), genotype_sha256=retrain_model["genotype_sha256"])
 
 
 # ------------------------------------------------------------------------------ discretisation

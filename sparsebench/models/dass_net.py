@@ -16,6 +16,7 @@ depthwise convolution is used (backend=sparse has no path for them).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,6 +241,11 @@ def _parse_cell(data: dict, key: str) -> tuple[list[list[tuple[str, int]]], list
     return cell, concat
 
 
+def genotype_digest(path: str) -> str:
+    """The first 16 hex digits of the sha256 of a genotype file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def read_genotype(path: str) -> Genotype:
     """Read and check a genotype file written by `sparsebench search method=dass`; one-line
     UserError naming the file for anything wrong with it."""
@@ -302,10 +308,14 @@ class DerivedCell(nn.Module):
 
 @MODELS.register("dass")
 def dass(input_shape: tuple[int, ...], num_classes: int, *, genotype: str | None = None, channels: int = 8,
-         cells: int = 3) -> nn.Module:
+         cells: int = 3, genotype_sha256: str | None = None) -> nn.Module:
     """The cell network of a DASS genotype file (`model.genotype=PATH`), with `channels` in the
     first cell and `cells` cells; defaults match the search's supernet (conf/method/dass.yaml),
-    and a deeper or wider network than the one searched is the DARTS practice."""
+    and a deeper or wider network than the one searched is the DARTS practice.
+
+    `genotype_sha256` (set by `method.retrain`) ties a run to the file's content: a run's
+    directory is named by its config, which holds the path, so a search redone with a different
+    result would otherwise leave finished runs of the old cell looking current."""
     if genotype is None:
         raise UserError("model=dass needs model.genotype=PATH: the genotype.json written by "
                         "`sparsebench search method=dass` (in the search's run directory)")
@@ -313,6 +323,10 @@ def dass(input_shape: tuple[int, ...], num_classes: int, *, genotype: str | None
     require_positive_int("dass", "cells", cells)
     layers = layers_for("dass", input_shape)
     found = read_genotype(genotype)
+    if genotype_sha256 is not None and genotype_digest(genotype) != genotype_sha256:
+        raise UserError(f"model.genotype={genotype}: the file changed since this run was configured "
+                        f"(sha256 {genotype_digest(genotype)}, expected {genotype_sha256}); retrain it with the "
+                        "search's method.retrain, or drop model.genotype_sha256")
 
     def make_cell(index, c_prev_prev, c_prev, width, reduction, reduction_prev):
         nodes, concat = (found.reduce, found.reduce_concat) if reduction else (found.normal, found.normal_concat)

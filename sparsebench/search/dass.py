@@ -37,6 +37,7 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -378,7 +379,9 @@ class DassSearch(Search):
     def model_config(self) -> dict:
         """The `model` node that rebuilds the found network at the supernet's size."""
         o = self.options
-        return {"name": "dass", "genotype": self.genotype_path(), "channels": o.channels, "cells": o.cells}
+        path = self.genotype_path()
+        digest = dass_net.genotype_digest(path) if Path(path).is_file() else None  # known once searched
+        return {"name": "dass", "genotype": path, "channels": o.channels, "cells": o.cells, "genotype_sha256": digest}
 
     def arms_after(self) -> list[dict]:
         return [arm_config(self.resolved, method, model=self.model_config()) for method in self.options.retrain]

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sparsebench import interrupts, results
+from sparsebench.config import validate
 from sparsebench.errors import RunInterrupted, UserError
 from sparsebench.provenance import provenance
 from sparsebench.search.base import STATE_FILE, SearchJob, SearchPlan, plan_search
@@ -32,8 +33,10 @@ def run_search(resolved: dict) -> Path | None:
     path = None
     if plan.search.has_directory:
         path = _search_in_directory(plan, resolved, log)
-    for cfg, arm in plan.arms_after:
-        train(cfg, arm, _yaml(arm))
+    # Arms after the search are planned again now: they may name what the search wrote (DASS's
+    # genotype digest); plan.arms_after validated their options before anything ran.
+    for arm in plan.search.arms_after():
+        train(validate(arm), arm, _yaml(arm))
     return path
 
 
