@@ -46,6 +46,7 @@ METHODS_WITH_STATE = [
     ["method=gap", "method.variant=parallel", "method.rounds=1"],
     ["method=rigl", "method.delta_t=3"],
     ["method=rigl", "optimizer=mars", "method.delta_t=3"],  # MARS's previous gradient is checkpointed
+    ["method=dstee", "method.delta_t=3"],  # its per-weight activity counts are checkpointed
     ["method=acdc"],
     ["method=dpf"],
     # Random Search: the proxy-scored choice and its scores live in the checkpoint, not redone.
