@@ -197,7 +197,7 @@ def test_calibration_batches_come_from_the_training_split_only(tmp_path, monkeyp
 
     def record(self, examples, generator):
         real_draw(self, examples, generator)
-        drawn.append((self.used_indices[-1], len(self.train_split)))
+        drawn.append((self.indices, len(self.train_split)))
 
     monkeypatch.setattr(evopress.FitnessScorer, "draw_batch", record)
     run_search(resolved)

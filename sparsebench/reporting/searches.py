@@ -64,7 +64,7 @@ def search_blocks(root: Path, searches: pd.DataFrame, training_runs: pd.DataFram
     blocks: list[Block] = []
     evopress, dass = [], []
     for record in searches.to_dict("records"):
-        final = _read_final(root / record["run"])
+        final = _read_json(root / record["run"] / FINAL_FILE)
         summary = (final or {}).get("search") if isinstance((final or {}).get("search"), dict) else {}
         row = {"dataset": record.get("dataset"), "model": record.get("model"), "sparsity": record.get("sparsity"),
                "seed": record.get("seed"), "state": "done" if summary else "running or unfinished"}
@@ -103,10 +103,6 @@ def search_blocks(root: Path, searches: pd.DataFrame, training_runs: pd.DataFram
     return blocks
 
 
-def _read_final(run_dir: Path) -> dict | None:
-    return _read_json(run_dir / FINAL_FILE)
-
-
 def _round(value, digits: int = 4):
     return round(value, digits) if isinstance(value, (int, float)) else None
 
@@ -129,7 +125,7 @@ def _random_search_rows(root: Path, runs: pd.DataFrame) -> list[dict]:
         return []
     rows = []
     for record in runs[runs["method"] == "random_search"].to_dict("records"):
-        final = _read_final(root / record["run"]) or {}
+        final = _read_json(root / record["run"] / FINAL_FILE) or {}
         info = final.get("node_search")
         if not isinstance(info, dict):
             continue

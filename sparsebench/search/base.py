@@ -77,6 +77,12 @@ class Search:
     def check(self) -> None:
         """Raise UserError for options that cannot work (before any directory exists)."""
 
+    def require_positive(self, *keys: str) -> None:
+        """Options that count something (generations, epochs, channels): at least 1."""
+        for key in keys:
+            if getattr(self.options, key) < 1:
+                raise UserError(f"method.{key}={getattr(self.options, key)}: expected a positive integer")
+
     def arms_before(self) -> list[dict]:
         return []
 
@@ -112,7 +118,6 @@ def training_view(resolved: dict) -> dict:
 class SearchPlan:
     search: Search
     arms_before: list[tuple[Config, dict]]
-    arms_after: list[tuple[Config, dict]]
 
 
 def plan_search(resolved: dict) -> SearchPlan:
@@ -133,8 +138,9 @@ def plan_search(resolved: dict) -> SearchPlan:
     cfg = validate(training_view(resolved))
     search = search_cls(options, resolved, cfg)
     before = [(validate(arm), arm) for arm in search.arms_before()]
-    after = [(validate(arm), arm) for arm in search.arms_after()]
-    return SearchPlan(search, before, after)
+    for arm in search.arms_after():  # their options checked now; planned again after the search (job.py)
+        validate(arm)
+    return SearchPlan(search, before)
 
 
 class SearchJob:

@@ -348,9 +348,7 @@ class DassSearch(Search):
         from sparsebench.methods import METHODS
 
         o = self.options
-        for key in ("search_epochs", "channels", "cells", "nodes"):
-            if getattr(o, key) < 1:
-                raise UserError(f"method.{key}={getattr(o, key)}: expected a positive integer")
+        self.require_positive("search_epochs", "channels", "cells", "nodes")
         if not o.arch_lr > 0:
             raise UserError(f"method.arch_lr={o.arch_lr}: expected a positive learning rate")
         for key in ("arch_weight_decay", "cost_weight", "grad_clip"):

@@ -90,7 +90,7 @@ class LevelDatabase:
         return {n: c / m for n, c, m in zip(self.names, self.nnz(levels), self.numel)}
 
 
-def level_step(numel: list[int], base: list[int], sparsity: float, levels: int) -> int:
+def level_step(numel: list[int], sparsity: float, levels: int) -> int:
     """Auto step: half of the smaller of the kept or pruned share of the smallest tensor,
     spread over `levels` levels (EvoPress's default rule, with its hidden size replaced by the
     smallest tensor), at least one weight."""
@@ -102,7 +102,7 @@ def level_database(engine: MaskedModel, sparsity: float, o: EvoPressOptions) -> 
     names = engine.names
     numel = [engine.tensors[n].param.numel() for n in names]
     base = [target_nnz(m, 1.0 - sparsity) for m in numel]
-    step = o.step if o.step is not None else level_step(numel, base, sparsity, o.levels)
+    step = o.step if o.step is not None else level_step(numel, sparsity, o.levels)
     low = [-((m - b) // step) for m, b in zip(numel, base)]  # denser, up to fully dense
     high = [(b - 1) // step for b in base]  # sparser, keeping at least one weight
     if o.max_level is not None:
@@ -130,9 +130,7 @@ class EvoPress(Search):
         s = self.cfg.run.sparsity
         if not 0.0 < s < 1.0:
             raise UserError(f"sparsity={s:g}: EvoPress allocates a sparsity in (0, 1) over layers")
-        for key in ("generations", "offspring", "max_flips", "checkpoint_every", "levels"):
-            if getattr(o, key) < 1:
-                raise UserError(f"method.{key}={getattr(o, key)}: expected a positive integer")
+        self.require_positive("generations", "offspring", "max_flips", "checkpoint_every", "levels")
         if o.step is not None and o.step < 1:
             raise UserError(f"method.step={o.step}: expected a positive number of weights per level (or null: auto)")
         if o.max_level is not None and o.max_level < 1:
@@ -186,7 +184,6 @@ class EvoPress(Search):
             parent, generation, wall = list(state["parent"]), int(state["generation"]), float(state["wall_time_s"])
             generator.set_state(state["generator"])
             scorer.forward_examples = int(state["forward_examples"])
-            scorer.calibration_indices = int(state["calibration_draws"])
             job.truncate_metrics("generation", generation)
             job.log(f"evopress: resuming at generation {generation}")
         job.log(f"evopress: {len(db.names)} tensors, step {db.step} weights per level, "
@@ -200,8 +197,7 @@ class EvoPress(Search):
                                 "forward_examples": scorer.forward_examples, "wall_time_s": wall})
             if generation % o.checkpoint_every == 0 or generation == o.generations:
                 job.save_state({"parent": parent, "generation": generation, "generator": generator.get_state(),
-                                "wall_time_s": wall, "forward_examples": scorer.forward_examples,
-                                "calibration_draws": scorer.calibration_indices})
+                                "wall_time_s": wall, "forward_examples": scorer.forward_examples})
             if generation % max(1, o.generations // 10) == 0:
                 job.log(f"generation {generation:>4}/{o.generations}  fitness {fitness:.5f}")
 
@@ -291,15 +287,13 @@ class FitnessScorer:
         # Magnitude order of each tensor, largest first: a level's mask is a prefix of it.
         self.order = [w.abs().flatten().argsort(descending=True, stable=True) for w in self.dense]
         self.forward_examples = 0
-        self.calibration_indices = 0  # calibration batches drawn so far (resume bookkeeping)
-        self.used_indices: list[torch.Tensor] = []  # this process's draws, for tests of the split
+        self.indices: torch.Tensor | None = None  # the training-split indices of the current batch
 
     def draw_batch(self, examples: int, generator: torch.Generator) -> None:
         """A fresh calibration batch: `examples` distinct training-split indices."""
         indices = torch.randperm(len(self.train_split), generator=generator)[:examples]
-        self.calibration_indices += 1
         self.forward_examples += examples  # the dense model's reference outputs
-        self.used_indices.append(indices)
+        self.indices = indices
         loader = DataLoader(Subset(self.train_split, indices.tolist()), batch_size=self.batch_size)
         self.batches = [(x.to(self.device), y.to(self.device)) for x, y in loader]
         with torch.no_grad():

@@ -34,7 +34,7 @@ def run_search(resolved: dict) -> Path | None:
     if plan.search.has_directory:
         path = _search_in_directory(plan, resolved, log)
     # Arms after the search are planned again now: they may name what the search wrote (DASS's
-    # genotype digest); plan.arms_after validated their options before anything ran.
+    # genotype digest); plan_search validated their options before anything ran.
     for arm in plan.search.arms_after():
         train(validate(arm), arm, _yaml(arm))
     return path
