@@ -341,7 +341,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             "epoch": epoch + 1, "step": state["step"], "lr": lr,
             "train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
             "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
-            "actual_sparsity": engine.actual_sparsity(), "layer_densities": engine.weight_densities(),
+            **kept_parameters(run),
             "weights_changed": MaskedModel.masks_changed(masks, masks_at_last_eval),
             "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
@@ -369,6 +369,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 round(sched.warmup_epochs * run.steps_per_epoch),
                 [m * run.steps_per_epoch for m in sched.milestones], sched.gamma, sched.min_lr,
             )
+            lr = method.learning_rate(state["step"], lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             batch = len(y)  # the global batch; each rank trains on its share
@@ -388,7 +389,9 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss * data_ranks.loss_scale(len(y), batch)).backward()
+            penalty = method.loss_term()  # a method's regulariser; train_loss logs the task loss alone
+            objective = loss if penalty is None else loss + penalty
+            scaler.scale(objective * data_ranks.loss_scale(len(y), batch)).backward()
             finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
             if distributed.agree_any(bool(engine.mask_events), data_ranks):
                 distributed.check_masks(engine.masks(), data_ranks)  # every rank holds rank 0's masks
@@ -427,7 +430,8 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
-    final.update(inference_flops=counter.forward(engine.densities()), inference_flops_dense=counter.dense_forward,
+    final.update(inference_flops=counter.forward(method.parameter_densities() or engine.densities()),
+                 inference_flops_dense=counter.dense_forward,
                  world_size=processes.world_size, provenance=origin, **method.summary())
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done
     checkpoint_path.unlink(missing_ok=True)
@@ -463,6 +467,17 @@ def chance_accuracy(data: DatasetBundle) -> float:
     return 100.0 * counts.max().item() / len(labels)
 
 
+def kept_parameters(run: Run) -> dict:
+    """actual_sparsity and layer_densities: the weights' exact zeros, or the method's own count
+    of kept parameters where its sparsity is not a mask (SVD training's ranks)."""
+    densities = run.method.parameter_densities()
+    if densities is None:
+        return {"actual_sparsity": run.engine.actual_sparsity(), "layer_densities": run.engine.weight_densities()}
+    sizes = {n: t.numel for n, t in run.engine.tensors.items()}
+    kept = sum(densities[n] * sizes[n] for n in sizes)
+    return {"actual_sparsity": 1.0 - kept / sum(sizes.values()), "layer_densities": dict(densities)}
+
+
 def _summary(run: Run, state: dict, status: str) -> dict:
     cfg = run.cfg
     return {
@@ -472,9 +487,8 @@ def _summary(run: Run, state: dict, status: str) -> dict:
         "input_normalization": run.data.normalization, "class_labels": run.data.class_labels,
         "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": cfg.run.sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
-        "actual_sparsity": run.engine.actual_sparsity(),
+        **kept_parameters(run),
         "itop_rate": run.engine.itop_rate(),
-        "layer_densities": run.engine.weight_densities(),
         "dense_layers": run.engine.dense_names,
         "best_test_acc": state["best_test_acc"],
         "train_flops": state["train_flops"], "train_flops_dense": state["train_flops_dense"],

@@ -110,6 +110,10 @@ class SparsityMethod:
     # weight sparsity follows from the units kept, not from `sparsity`, and they need every layer
     # in the engine, so the per-weight method tests (tests/test_methods.py) leave them out.
     removes_units: ClassVar[bool] = False
+    # False for methods that change what a step computes beyond the mask (CigL's per-step random
+    # mask and gradient rescaling): `backend=sparse`, whose compact kernels assume the masked
+    # step, refuses them with one line.
+    runs_on_sparse_backend: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -168,6 +172,24 @@ class SparsityMethod:
         """True where this step computes the gradient of every weight, masked ones included
         (FLOPs: 2 f_S + f_D); False where only active weights need it (3 f_S)."""
         return False
+
+    def learning_rate(self, step: int, scheduled: float) -> float:
+        """The learning rate of `step`, given the run's schedule's value (CigL's constant rate
+        while it averages weights); the schedule's by default."""
+        return scheduled
+
+    def loss_term(self) -> torch.Tensor | None:
+        """A regulariser added to this step's training loss before backward (SVD training's
+        orthogonality and singular-value penalties); None for none. The logged train_loss stays
+        the task loss."""
+        return None
+
+    def parameter_densities(self) -> dict[str, float] | None:
+        """Per prunable tensor, the fraction of the dense layer's parameters the model keeps, for
+        a method whose sparsity is not a mask (SVD training: a rank r layer keeps r(m+n)/(mn));
+        None: the masks' non-zeros say it. When given, final.json's actual_sparsity,
+        layer_densities and inference FLOPs follow it."""
+        return None
 
     def artifacts(self) -> dict[str, dict]:
         """Extra state_dicts to save beside model.pt as <name>.pt (AC/DC's paired dense model)."""

@@ -142,6 +142,11 @@ def check(cfg) -> None:
     """One-line refusals of `backend=sparse` set-ups it cannot run (before any directory exists)."""
     if cfg.run.backend.value != SPARSE:
         return
+    from sparsebench.methods import METHODS  # the methods import this module's engine helpers
+
+    if not METHODS.get(cfg.method).runs_on_sparse_backend:
+        raise UserError(f"backend=sparse with method={cfg.method}: the method changes each step beyond the mask "
+                        "and the sparse training kernels do not implement that; use backend=masked")
     cuda = cfg.run.device.value != "cpu" and torch.cuda.is_available()
     if cfg.run.amp and cuda:
         raise UserError("backend=sparse with amp=true: the sparse training kernels run in float32 only "
