@@ -47,6 +47,7 @@ METHODS_WITH_STATE = [
     ["method=rigl", "method.delta_t=3"],
     ["method=rigl", "optimizer=mars", "method.delta_t=3"],  # MARS's previous gradient is checkpointed
     ["method=dstee", "method.delta_t=3"],  # its per-weight activity counts are checkpointed
+    ["method=cigl", "method.delta_t=3"],  # its generator (Z every step) and the running mean of the weights
     ["method=acdc"],
     ["method=dpf"],
     # Random Search: the proxy-scored choice and its scores live in the checkpoint, not redone.

@@ -13,7 +13,7 @@ from sparsebench.sparse.structure import SparsityStructure, StructureKind
 
 NM = SparsityStructure(StructureKind.nm, n=2, m=4)
 BLOCK = SparsityStructure(StructureKind.block, block=4)
-SUPPORTING = ["dstee", "static", "gmp", "rigl", "set"]
+SUPPORTING = ["cigl", "dstee", "static", "gmp", "rigl", "set"]
 
 
 def mlp() -> nn.Module:  # sparse tensors 16x16: rows of 16 (four 2:4 groups), 4x4 blocks of side 4
@@ -263,7 +263,7 @@ BAD_STRUCTURES = {
     ("distribution.structure=nm", "sparsity=0.9", "method=static"):
         "distribution.structure=nm with n=2, m=4 fixes sparsity at 0.5; got sparsity=0.9",
     ("distribution.structure=nm", "sparsity=0.5", "method=gap"):
-        "distribution.structure=nm is kept only by methods dstee, gmp, rigl, set, static; method gap cannot keep it",
+        "distribution.structure=nm is kept only by methods cigl, dstee, gmp, rigl, set, static; method gap cannot keep it",
     ("distribution.structure=block", "method=magnitude"):
         "distribution.structure=block is kept only by methods",
     ("distribution.structure=nm", "sparsity=0.5", "method=rigl", "distribution=erk"):
