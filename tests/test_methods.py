@@ -17,8 +17,10 @@ from sparsebench.sparse.masked import MaskedModel, target_nnz
 
 STEPS = 60
 
-# Methods that mask weights (node-mask methods are tested in tests/test_search.py).
-WEIGHT_MASK_METHODS = [name for name in METHODS.names() if not METHODS.get(name).removes_units]
+# Methods that mask weights (node-mask methods are tested in tests/test_search.py, SVD training's
+# ranks in tests/test_svd.py).
+WEIGHT_MASK_METHODS = [name for name in METHODS.names()
+                      if METHODS.get(name).masks_weights and not METHODS.get(name).removes_units]
 
 
 def mlp(depth: int = 4) -> nn.Module:

@@ -13,8 +13,11 @@ from sparsebench.methods.set import SETProtocol, SETRegrowInit
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import PowerPropagation, apply_powerprop, export_state_dict
 
-# Methods that mask weights (node-mask methods are tested in tests/test_search.py).
-WEIGHT_MASK_METHODS = [name for name in METHODS.names() if not METHODS.get(name).removes_units]
+# Methods that mask weights (node-mask methods are tested in tests/test_search.py, SVD training's
+# ranks in tests/test_svd.py).
+# Methods that refuse Powerpropagation (`powerprop_conflict`: CigL) are tested for the refusal.
+WEIGHT_MASK_METHODS = [name for name in METHODS.names() if METHODS.get(name).masks_weights
+                       and not METHODS.get(name).removes_units and not METHODS.get(name).powerprop_conflict]
 
 
 def test_effective_weights_keep_the_standard_initial_distribution():

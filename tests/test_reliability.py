@@ -50,6 +50,7 @@ METHODS_WITH_STATE = [
     ["method=cigl", "method.delta_t=3"],  # its generator (Z every step) and the running mean of the weights
     ["method=acdc"],
     ["method=dpf"],
+    ["method=svd", "method.cut=0.5"],  # its rank masks and whether the cut happened are checkpointed
     # Random Search: the proxy-scored choice and its scores live in the checkpoint, not redone.
     ["method=random_search", "method.candidates=3", "distribution.dense_first=false", "distribution.dense_last=false"],
 ]

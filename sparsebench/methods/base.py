@@ -110,10 +110,16 @@ class SparsityMethod:
     # weight sparsity follows from the units kept, not from `sparsity`, and they need every layer
     # in the engine, so the per-weight method tests (tests/test_methods.py) leave them out.
     removes_units: ClassVar[bool] = False
+    # False for methods whose sparsity is not a weight mask (SVD training: ranks of U diag(s) V^T,
+    # engine masks all ones, `parameter_densities` says what is kept): the per-weight method tests
+    # (tests/test_methods.py, tests/test_powerprop.py) leave them out, as they do `removes_units`.
+    masks_weights: ClassVar[bool] = True
     # False for methods that change what a step computes beyond the mask (CigL's per-step random
     # mask and gradient rescaling): `backend=sparse`, whose compact kernels assume the masked
     # step, refuses them with one line.
     runs_on_sparse_backend: ClassVar[bool] = True
+    # Why the method cannot run under `powerprop` (refused in one line when built), or None.
+    powerprop_conflict: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -130,6 +136,8 @@ class SparsityMethod:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.generator = generator  # the method's own RNG: random masks, random partitions
+        if engine.powerprop and self.powerprop_conflict:
+            raise UserError(f"method={self.registered_name()} with powerprop: {self.powerprop_conflict}; use powerprop=1")
         if not engine.structure.unstructured and not self.supports_structure:
             raise UserError(
                 f"distribution.structure={engine.structure.kind.value}: method {self.registered_name()} cannot keep "

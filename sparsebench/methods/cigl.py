@@ -63,6 +63,7 @@ class CigL(RigL):
     name = "cigl"
     Options = CigLOptions
     runs_on_sparse_backend = False
+    powerprop_conflict = "CigL's random mask acts on the weights, which Powerpropagation re-parameterises"
 
     def validate(self) -> None:
         super().validate()
@@ -75,9 +76,6 @@ class CigL(RigL):
                             "or null for no weight averaging")
         if o.swa_lr is not None and o.swa_lr <= 0:
             raise UserError(f"method.swa_lr={o.swa_lr}: expected a positive learning rate, or null for the run's schedule")
-        if self.engine.powerprop:
-            raise UserError("method=cigl with powerprop: CigL's random mask acts on the weights and Powerpropagation "
-                            "re-parameterises them; use powerprop=1")
         self.keep_scale = o.dpnum / (o.dpnum - 1)
         epochs = self.total_steps // self.steps_per_epoch
         # First epoch (1-based) whose end is averaged; None: no averaging.

@@ -37,6 +37,7 @@ and prunes once at evaluation, so it never meets these cases):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 
 import torch
@@ -123,13 +124,23 @@ def trainable_weight(module: nn.Module) -> nn.Parameter:
 
 
 def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict with effective weights under plain names (`x.weight`, not `x.parametrizations...`)."""
+    """state_dict with effective weights under plain names (`x.weight`, not `x.parametrizations...`).
+
+    Any parametrised tensor, whatever the number of tensors it is computed from: Powerprop's one
+    (`...parametrizations.weight.original`) or SVD training's U, s, V (`...original0/1/2`,
+    sparse/low_rank.py). The plain model loads the result with `load_state_dict`."""
     state = {}
     for key, value in model.state_dict().items():
-        if ".parametrizations.weight.original" in key:
-            module_name = key.replace(".parametrizations.weight.original", "")
-            module = model.get_submodule(module_name)
-            state[f"{module_name}.weight"] = module.weight.detach().clone()
-        else:
+        found = _PARAMETRIZED_KEY.fullmatch(key)
+        if found is None:
             state[key] = value
+            continue
+        module_name, tensor_name = found.group(1) or "", found.group(2)
+        plain = f"{module_name}.{tensor_name}" if module_name else tensor_name
+        if plain not in state:  # once per tensor, not once per original0/1/2
+            state[plain] = getattr(model.get_submodule(module_name), tensor_name).detach().clone()
     return state
+
+
+# `[module.]parametrizations.<tensor>.original[<i>]`: the stored tensors a parametrised tensor is computed from.
+_PARAMETRIZED_KEY = re.compile(r"(?:(.+)\.)?parametrizations\.([^.]+)\.original\d*")
