@@ -18,7 +18,8 @@ Settings that do not change what a run computes (where results go, how progress 
 keys the run directory's hash leaves out) never split anything, and powerprop is already part
 of the method's name. A setting missing from a run's config (written before the setting
 existed, whose default keeps the old behaviour) is taken to be whatever the other runs have:
-it splits nothing unless the runs that have it differ. Every table's caption then states the
+it splits nothing unless the runs that have it differ. A setting written as null is not missing:
+`null` is its value (CigL's `swa_start: null` is a run without averaging). Every table's caption then states the
 budget its runs share.
 """
 from __future__ import annotations

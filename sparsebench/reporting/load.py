@@ -256,6 +256,9 @@ def _refuse_aliases(data: bytes) -> None:
             )
 
 
+EXPLICIT_NULL = "null"
+
+
 def config_columns(config: dict) -> dict:
     """Flatten the config to dotted columns; `method: {name: rigl}` becomes the column `method`.
 
@@ -292,7 +295,9 @@ def config_columns(config: dict) -> dict:
     if columns["method"] == DENSE:
         sparsity = 0.0
     columns["sparsity"] = round(sparsity, 6)  # 0.9 and 0.9000000001 are the same column
-    return columns
+    # A setting written as null (`method.swa_start: null`) is a value like any other; only a
+    # setting absent from the config (written before it existed) is unset (identity.py).
+    return {key: EXPLICIT_NULL if value is None else value for key, value in columns.items()}
 
 
 def _whole_number(columns: dict, key: str, low: int, high: int | None) -> int:

@@ -29,7 +29,7 @@ import yaml
 
 from sparsebench.errors import UserError
 from sparsebench.reporting.aggregate import COLUMN_KEY, ROW_KEY
-from sparsebench.reporting.load import RESULT_COLUMNS
+from sparsebench.reporting.load import EXPLICIT_NULL, RESULT_COLUMNS
 
 _CAP = 1 << 20
 _RESERVED = ("source", "test_acc")
@@ -138,8 +138,8 @@ def apply_reference(runs: pd.DataFrame, entries: list[Entry], where: str) -> pd.
 
 
 def _equals(column: pd.Series, value) -> pd.Series:
-    if value is None:
-        return column.isna()
+    if value is None:  # a setting written as null, or absent from the run's config
+        return column.isna() | column.map(lambda cell: cell == EXPLICIT_NULL)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         numbers = pd.to_numeric(column.where(column.map(lambda cell: not isinstance(cell, bool))), errors="coerce")
         return (numbers - value).abs() <= 1e-9 * max(1.0, abs(value))
