@@ -138,10 +138,10 @@ def svd_method(model, sparsity=0.8, total_steps=40, **options):
 class Loop:
     """The trainer's order: before_step, forward, loss + loss_term, backward, finish_step."""
 
-    def __init__(self, sparsity=0.8, total_steps=40, optimizer="sgd", model=None, **options):
+    def __init__(self, sparsity=0.8, total_steps=40, optimizer="sgd", model=None, cut=0.75, **options):
         torch.manual_seed(0)
         self.model = model or mlp()
-        self.method, self.engine = svd_method(self.model, sparsity, total_steps, **options)
+        self.method, self.engine = svd_method(self.model, sparsity, total_steps, cut=cut, **options)
         params = self.model.parameters()
         self.optimizer = (torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd"
                           else torch.optim.AdamW(params, lr=0.01, weight_decay=0.1))
@@ -245,7 +245,7 @@ def test_method_state_resumes_the_cut():
 
 
 def test_plan_for_dry_runs():
-    method, engine = svd_method(mlp(), total_steps=40)
+    method, engine = svd_method(mlp(), total_steps=40, cut=0.75)
     assert method.mask_update_steps() == [30]
     assert method.schedule_value(29) == ("parameter_sparsity", 0.0)
     assert method.schedule_value(30) == ("parameter_sparsity", 0.8)
@@ -272,7 +272,7 @@ def test_cli_run_reports_ranks_and_model_pt_loads_into_the_plain_model(tmp_path)
         assert info["kept_params"] == info["rank"] * 256 and info["dense_params"] == 64 * 192
         assert final["layer_densities"][name] == pytest.approx(info["kept_params"] / info["dense_params"])
     assert final["svd"]["kept_params"] == sum(info["kept_params"] for info in layers.values())
-    assert 0.0 < final["svd"]["energy"] <= 1.0 and final["svd"]["cut_step"] == 6
+    assert 0.0 < final["svd"]["energy"] <= 1.0 and final["svd"]["cut_step"] == 4  # round(0.5 x 8 steps)
     assert final["inference_flops"] < final["inference_flops_dense"]
     model = create_model("cnn1d_bn", tuple(final["input_shape"]), final["num_classes"])
     model.load_state_dict(torch.load(run / "model.pt"))  # strict: plain names only
@@ -309,7 +309,7 @@ def test_killed_run_resumes_after_the_cut_to_the_same_result(tmp_path, interrupt
     ("powerprop=2", "method=svd with powerprop: SVD training keeps each layer as U diag(s) V^T"),
     ("sparsity=0.99", "sparsity=0.99: method svd keeps at least rank 1 in every layer, 768 of 36864"),
     ("backend=sparse", "backend=sparse with method=svd"),
-    ("epochs=1", "method.cut=0.75: with 1 training steps the cut falls at step 1"),
+    ("epochs=1", "method.cut=0.5: with 1 training steps the cut falls at step 0"),
 ])
 def test_bad_options_fail_in_one_line_and_write_nothing(tmp_path, capsys, override, message):
     extra = ["dataset.num_samples=100", "batch_size=128"] if override == "epochs=1" else []

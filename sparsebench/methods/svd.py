@@ -86,7 +86,7 @@ class SVDOptions:
     lambda_sparsity: float = 0.1
     regularizer: Regularizer = Regularizer.hoyer
     decomposition: Decomposition = Decomposition.channel
-    cut: float = 0.75  # fraction of training after which singular values are cut; the rest fine-tunes
+    cut: float = 0.5  # fraction of training after which singular values are cut; the rest fine-tunes
     finetune_regularizers: FinetuneRegularizers = FinetuneRegularizers.orthogonality
 
 
