@@ -187,9 +187,14 @@ class AdamOptions:
     weight_decay: float = 0.0
 
 
+class MarsVariant(enum.Enum):
+    approx = "approx"  # g_{t-1}: the previous step's gradient (the official default, is_approx=True)
+    exact = "exact"  # grad f(x_{t-1}, xi_t): the previous weights on this step's batch, a second pass
+
+
 @dataclass
 class MarsOptions(AdamOptions):
-    """MARS-AdamW, approximate variant (mars.py); defaults from the official code's optimizer."""
+    """MARS-AdamW (mars.py), approximate or exact variant; defaults from the official code's optimizer."""
 
     lr: float = 3e-3
     beta1: float = 0.95
@@ -199,6 +204,7 @@ class MarsOptions(AdamOptions):
     beta2_1d: float = 0.95
     weight_decay_1d: float = 0.1
     kernels: bool = True  # conv kernels (>2-D) through MARS; false: AdamW, as the official code
+    variant: MarsVariant = MarsVariant.approx
 
 
 OPTIMIZERS = {"sgd": SGDOptions, "adam": AdamOptions, "adamw": AdamOptions, "mars": MarsOptions}
@@ -402,6 +408,11 @@ def validate(cfg: Mapping) -> Config:
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     optimizer_options = parse_options(OPTIMIZERS[optimizer], opt_raw, "optimizer.", f"optimizer {optimizer}")
     _check_optimizer(optimizer, optimizer_options)
+    if isinstance(optimizer_options, MarsOptions) and optimizer_options.variant is MarsVariant.exact:
+        _require(not run.amp, "optimizer.variant=exact with amp=true: the exact MARS pass runs in float32 only; "
+                              "use amp=false or optimizer.variant=approx")
+        _require(run.backend is Backend.masked, "optimizer.variant=exact with backend=sparse: the exact MARS pass "
+                                                 "is not implemented on the sparse kernels; use backend=masked")
 
     schedule, sched_raw = _group(cfg, "schedule")
     _check_choice("schedule", schedule, SCHEDULES)

@@ -71,7 +71,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     if cfg.optimizer == "mars":
         return MarsAdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                          gamma=o.gamma, betas_1d=(o.beta1_1d, o.beta2_1d), weight_decay_1d=o.weight_decay_1d,
-                         kernels=o.kernels)
+                         kernels=o.kernels, exact=o.variant.value == "exact")
     adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
@@ -352,6 +352,20 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         if writes:
             checkpoint.save(checkpoint_path, run, scaler, state)
 
+    def with_penalty(loss: torch.Tensor) -> torch.Tensor:
+        penalty = method.loss_term()  # a method's regulariser; train_loss logs the task loss alone
+        return loss if penalty is None else loss + penalty
+
+    def step_objective(x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """The loss this rank backpropagates for a batch, for a second pass (exact MARS; amp refused)."""
+        loss = F.cross_entropy(net(x), y, label_smoothing=o.label_smoothing)
+        return with_penalty(loss) * data_ranks.loss_scale(len(y), batch)
+
+    def mask_step_gradients(step: int) -> None:
+        if method.mask_gradients_at(step):
+            engine.mask_gradients()
+
+    exact_mars = getattr(run.optimizer, "exact", False)  # optimizer=mars optimizer.variant=exact (mars.py)
     model.train()
     for epoch in range(state["epoch"], o.epochs):
         sums = [0.0, 0, 0]  # this epoch's training-loss sum, correct predictions, examples (this rank)
@@ -374,6 +388,10 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 group["lr"] = lr
             batch = len(y)  # the global batch; each rank trains on its share
             x, y = data_ranks.shard(x).to(device, non_blocking=True), data_ranks.shard(y).to(device, non_blocking=True)
+            if exact_mars and run.optimizer.record_previous_gradients(  # the previous weights' gradient on this batch
+                    model, lambda: step_objective(x, y, batch), lambda: mask_step_gradients(state["step"])):
+                state["train_flops"] += counter.train_step(engine.densities(), False) * batch  # a second pass
+                state["train_flops_dense"] += counter.dense_train_step() * batch
             with torch.autocast(device.type, enabled=use_amp):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
@@ -389,9 +407,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
-            penalty = method.loss_term()  # a method's regulariser; train_loss logs the task loss alone
-            objective = loss if penalty is None else loss + penalty
-            scaler.scale(objective * data_ranks.loss_scale(len(y), batch)).backward()
+            scaler.scale(with_penalty(loss) * data_ranks.loss_scale(len(y), batch)).backward()
             finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
             if distributed.agree_any(bool(engine.mask_events), data_ranks):
                 distributed.check_masks(engine.masks(), data_ranks)  # every rank holds rank 0's masks

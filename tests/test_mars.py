@@ -1,5 +1,6 @@
 """optimizer=mars: MARS-AdamW (approximate) against hand-computed steps, its AdamW path for
 vectors, its previous-gradient state reset for regrown entries, and the CLI."""
+import json
 import math
 import subprocess
 import sys
@@ -43,6 +44,71 @@ def test_two_steps_match_the_hand_computed_update(scale):
     expected = hand_mars(start, grads, 0.01, 0.95, 0.99, 1e-8, 0.1, 0.025)
     assert p.detach().view(-1).tolist() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     assert opt.state[p]["last_grad"].view(-1).tolist() == pytest.approx(grads[-1])
+
+
+def hand_update(x, m, v, t, g, g_prev, lr=0.01, beta1=0.95, beta2=0.99, eps=1e-8, wd=0.0, gamma=0.5):
+    """One MARS-AdamW update of flat lists with an explicit g_prev (docs/methods.md#mars)."""
+    c = [gi + gamma * beta1 / (1 - beta1) * (gi - pi) for gi, pi in zip(g, g_prev)]
+    norm = math.sqrt(sum(ci * ci for ci in c))
+    if norm > 1:
+        c = [ci / norm for ci in c]
+    m = [beta1 * mi + (1 - beta1) * ci for mi, ci in zip(m, c)]
+    v = [beta2 * vi + (1 - beta2) * ci * ci for vi, ci in zip(v, c)]
+    b1, b2 = 1 - beta1 ** t, 1 - beta2 ** t
+    x = [xi - lr * (wd * xi + (mi / b1) / (math.sqrt(vi / b2) + eps)) for xi, mi, vi in zip(x, m, v)]
+    return x, m, v
+
+
+def test_exact_variant_corrects_with_the_previous_weights_gradient_on_this_batch():
+    """Two steps of the trainer's order: the exact pass (nothing before the first update), this
+    batch's backward, the step; against gradients taken by hand at x_1 and x_2."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)) for _ in range(2)]
+    layer = nn.Linear(3, 2, bias=False).double()
+    start = layer.weight.detach().clone()
+    opt = MarsAdamW(layer.parameters(), lr=0.01, gamma=0.5, exact=True)
+
+    def loss_at(weight, batch):
+        x, target = batch
+        return ((x @ weight.T - target) ** 2).mean()
+
+    def grad_at(weight, batch):
+        w = weight.detach().clone().requires_grad_(True)
+        loss_at(w, batch).backward()
+        return w.grad.view(-1).tolist()
+
+    passes = []
+    for batch in batches:
+        passes.append(opt.record_previous_gradients(layer, lambda b=batch: loss_at(layer.weight, b), lambda: None))
+        opt.zero_grad()
+        loss_at(layer.weight, batch).backward()
+        opt.step()
+    assert passes == [False, True]
+    x1 = start.view(-1).tolist()
+    g1 = grad_at(start, batches[0])
+    x2, m, v = hand_update(x1, [0.0] * 6, [0.0] * 6, 1, g1, [0.0] * 6)
+    w2 = torch.tensor(x2, dtype=torch.float64).view(2, 3)
+    g2, g_prev = grad_at(w2, batches[1]), grad_at(start, batches[1])  # grad f(x_1, xi_2), not grad f(x_1, xi_1)
+    assert g_prev != pytest.approx(g1)
+    x3, _, _ = hand_update(x2, m, v, 2, g2, g_prev)
+    assert layer.weight.detach().view(-1).tolist() == pytest.approx(x3, rel=1e-10, abs=1e-12)
+    assert opt.state[layer.weight]["last_grad"].view(-1).tolist() == pytest.approx(g_prev, rel=1e-10)
+
+
+def test_exact_pass_leaves_weights_buffers_and_gradients_as_they_were():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    opt = MarsAdamW(model.parameters(), lr=0.05, exact=True)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    nn.functional.cross_entropy(model(x), y).backward()  # .grad of a second batch, left in place
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert opt.record_previous_gradients(model, lambda: nn.functional.cross_entropy(model(x), y), lambda: None)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
 def test_vectors_take_adamw_with_their_own_betas_and_decay():
@@ -100,11 +166,29 @@ def test_mars_trains_a_sparse_run_from_the_cli(tmp_path):
     assert "done: test_acc" in proc.stdout
 
 
+def test_exact_mars_trains_from_the_cli_at_twice_the_step_cost(tmp_path):
+    finals = {}
+    for variant in ("approx", "exact"):
+        proc = run_cli("train", "optimizer=mars", f"optimizer.variant={variant}", "method=rigl", "method.delta_t=5",
+                       "epochs=1", "dataset.num_samples=600", "progress=none", f"results_root={tmp_path / variant}")
+        assert proc.returncode == 0, proc.stderr
+        (final,) = (tmp_path / variant).rglob("final.json")
+        finals[variant] = json.loads(final.read_text())
+    # every step but the first adds a second masked forward and backward (3 f_S): about twice the FLOPs
+    ratio = finals["exact"]["train_flops"] / finals["approx"]["train_flops"]
+    steps = finals["exact"]["steps"]
+    assert 1.0 + (steps - 1) / steps * 0.9 < ratio < 2.0
+    assert finals["exact"]["test_acc"] != finals["approx"]["test_acc"] or finals["exact"]["test_loss"] != finals["approx"]["test_loss"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("optimizer.gamma=-1", "optimizer.gamma=-1.0: expected a value >= 0"),
     ("optimizer.beta1_1d=1", "optimizer.beta1_1d=1.0: expected a value in [0, 1)"),
+    ("optimizer.variant=exactly", "optimizer.variant='exactly': expected one of approx, exact"),
+    ("optimizer.variant=exact amp=true", "optimizer.variant=exact with amp=true"),
+    ("optimizer.variant=exact backend=sparse", "optimizer.variant=exact with backend=sparse"),
 ])
 def test_bad_mars_options_are_one_line(tmp_path, override, message):
-    proc = run_cli("train", "optimizer=mars", override, f"results_root={tmp_path / 'r'}")
+    proc = run_cli("train", "optimizer=mars", *override.split(), f"results_root={tmp_path / 'r'}")
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "r").exists()

@@ -46,6 +46,7 @@ METHODS_WITH_STATE = [
     ["method=gap", "method.variant=parallel", "method.rounds=1"],
     ["method=rigl", "method.delta_t=3"],
     ["method=rigl", "optimizer=mars", "method.delta_t=3"],  # MARS's previous gradient is checkpointed
+    ["method=rigl", "optimizer=mars", "optimizer.variant=exact", "method.delta_t=3"],  # and its previous weights
     ["method=dstee", "method.delta_t=3"],  # its per-weight activity counts are checkpointed
     ["method=cigl", "method.delta_t=3"],  # its generator (Z every step) and the running mean of the weights
     ["method=acdc"],
