@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sparsebench import interrupts, plugins, results
+from sparsebench.config_files import config_directory
 from sparsebench.errors import RunInterrupted, UserError
 
 USAGE = """usage: sparsebench <command> [arguments]
@@ -49,17 +50,6 @@ commands:
   bench model=mlp sparsity=0.9 [distribution.structure=block]   (no run needed)
 
 `sparsebench train --help` lists the config groups and their options."""
-
-
-
-def config_directory() -> str:
-    """conf/ ships inside the wheel as sparsebench/conf; in a source checkout it sits beside
-    the package. Looking for both by path (not pkg://) works however sparsebench was imported."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise RuntimeError(f"sparsebench's configs are missing: looked in {package / 'conf'} and {package.parent / 'conf'}")
 
 
 CONFIG_DIR = config_directory()

@@ -539,20 +539,24 @@ def test_gap_at_its_own_budget_and_its_variants_are_separate(tmp_path, capsys):
     assert "gap rows by method.variant" in out
 
 
-def test_an_option_written_as_null_splits_rows_but_one_missing_does_not(tmp_path, capsys):
+def test_an_option_written_as_null_is_a_value_and_a_missing_one_takes_its_default(tmp_path, capsys):
     """`swa_start: null` (CigL without averaging) is a setting of its own, not a missing one; a run
-    written before an option existed still pools with the runs that have its default."""
+    written before an option existed takes the value conf/method/<method>.yaml gives it."""
     for seed in (0, 1):
         budget_run(tmp_path, "dense", 0.0, seed, 95.0, flops=100.0)
-        budget_run(tmp_path, "cigl", 0.9, seed, 92.0, flops=20.0, options={"swa_start": 0.8})
+        budget_run(tmp_path, "cigl", 0.9, seed, 92.0, flops=20.0, options={"swa_start": 0.8} if seed else {})
         budget_run(tmp_path, "cigl", 0.9, seed, 90.0, flops=20.0, options={"swa_start": None})
-        budget_run(tmp_path, "rigl", 0.9, seed, 91.0 + seed, flops=20.0, options={"swa_lr": None} if seed else {})
+        # updates_per_epoch: missing (seed 0) and null (seed 1) are the same experiment; 4 is another
+        budget_run(tmp_path, "rigl", 0.9, seed, 91.0 + seed, flops=20.0, options={"updates_per_epoch": None} if seed else {})
+        budget_run(tmp_path, "rigl", 0.9, seed, 88.0, flops=20.0, options={"updates_per_epoch": 4})
     code, out, err = report([str(tmp_path), "--no-plots"], capsys)
     assert code == 0, err
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
     means = summary.set_index("method")["test_acc_mean"].to_dict()
     assert means["cigl (swa_start=0.8)"] == pytest.approx(92.0) and means["cigl (swa_start=null)"] == pytest.approx(90.0)
-    assert means["rigl"] == pytest.approx(91.5)
+    assert means["rigl (updates_per_epoch=null)"] == pytest.approx(91.5)
+    assert means["rigl (updates_per_epoch=4)"] == pytest.approx(88.0)
+    assert len(means) == 5  # dense and the four rows: nothing left as "unset"
 
 
 def test_single_seed_cell_is_never_marked_best(tmp_path, capsys):

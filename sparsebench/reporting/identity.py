@@ -18,8 +18,10 @@ Settings that do not change what a run computes (where results go, how progress 
 keys the run directory's hash leaves out) never split anything, and powerprop is already part
 of the method's name. A setting missing from a run's config (written before the setting
 existed, whose default keeps the old behaviour) is taken to be whatever the other runs have:
-it splits nothing unless the runs that have it differ. A setting written as null is not missing:
-`null` is its value (CigL's `swa_start: null` is a run without averaging). Every table's caption then states the
+it splits nothing unless the runs that have it differ; a method option missing that way takes
+the value conf/method/<method>.yaml gives it today (the default that kept the old behaviour).
+A setting written as null is not missing: `null` is its value (CigL's `swa_start: null` is a
+run without averaging). Every table's caption then states the
 budget its runs share.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pandas as pd
 from sparsebench.reporting.aggregate import (
     ROW_KEY, Grouping, TableSlice, by_key, format_value, key_scope, key_tuple_of,
 )
-from sparsebench.reporting.load import DENSE, IDENTITY_COLUMNS, RESULT_COLUMNS
+from sparsebench.config_files import method_defaults
+from sparsebench.reporting.load import DENSE, EXPLICIT_NULL, IDENTITY_COLUMNS, RESULT_COLUMNS
 from sparsebench.results import NON_SEMANTIC_DATASET_KEYS, NON_SEMANTIC_KEYS
 
 # Config columns that never tell two experiments apart.
@@ -64,6 +67,10 @@ def identify(runs: pd.DataFrame, grouping: Grouping, pool: tuple[str, ...] = ())
     sparse = identified[identified[ROW_KEY] != DENSE]
     split += _differing(sparse, grouping.table_keys, [c for c in candidates if scopes[c] == "distribution"])
     options = [column for column in candidates if scopes[column] == "method"]
+    if options and len(sparse):  # an option a run's config predates: the method's YAML default
+        runs = _with_method_defaults(runs, options)
+        identified = runs[runs[ROW_KEY].notna()]
+        sparse = identified[identified[ROW_KEY] != DENSE]
     row_splits = {}
     if options and len(sparse):
         counts = sparse.groupby(ROW_KEY)[options].nunique()
@@ -81,6 +88,25 @@ def identify(runs: pd.DataFrame, grouping: Grouping, pool: tuple[str, ...] = ())
                 for values in zip(*(labelled.loc[rows, key].tolist() for key in keys))
             ]
     return Identity(labelled, Grouping((*grouping.keys, *split), tuple(split)), row_splits, tuple(pool))
+
+
+def _with_method_defaults(runs: pd.DataFrame, options: list[str]) -> pd.DataFrame:
+    """`runs` with each missing method option (a config written before the option existed) set
+    to what conf/method/<method>.yaml gives it today, written null as EXPLICIT_NULL; options a
+    method's file does not name (a plugin's) stay missing."""
+    filled = runs.copy()
+    for method in filled[ROW_KEY].dropna().unique():
+        defaults = method_defaults(str(method).split("+")[0])  # gmp+powerprop2: gmp's options
+        for column in options:
+            key = column[len(f"{ROW_KEY}."):]
+            if key not in defaults or isinstance(defaults[key], (dict, list)):
+                continue
+            value = EXPLICIT_NULL if defaults[key] is None else defaults[key]
+            rows = (filled[ROW_KEY] == method) & filled[column].isna()
+            if rows.any():
+                filled[column] = filled[column].astype(object)
+                filled.loc[rows, column] = value
+    return filled
 
 
 def _differing(frame: pd.DataFrame, by: tuple[str, ...], columns: list[str]) -> list[str]:
