@@ -413,6 +413,9 @@ def validate(cfg: Mapping) -> Config:
                               "use amp=false or optimizer.variant=approx")
         _require(run.backend is Backend.masked, "optimizer.variant=exact with backend=sparse: the exact MARS pass "
                                                  "is not implemented on the sparse kernels; use backend=masked")
+        _require(not method_cls.random_forward, f"optimizer.variant=exact with method={method}: its forward draws a "
+                                                "random mask every step, which the exact pass at the previous weights "
+                                                "would not see; use optimizer.variant=approx")
 
     schedule, sched_raw = _group(cfg, "schedule")
     _check_choice("schedule", schedule, SCHEDULES)

@@ -23,10 +23,11 @@ def compact_steps(steps: list[int], shown: int = 8) -> str:
     return f"{len(steps)} updates at steps {head}{', ...' if len(steps) > shown else ''}"
 
 
-def planned_flops(method, counter: FlopCounter) -> float:
+def planned_flops(method, counter: FlopCounter, batch_size: int) -> float:
     """Per-example training FLOPs of the whole plan. Densities are constant between mask
     changes, so they are asked for once per segment, not once per step (a CIFAR schedule has
-    ~100k steps); only the dense-gradient flag is asked per step."""
+    ~100k steps); only the dense-gradient flag and a method's per-step overhead (shared by the
+    batch's examples) are asked per step."""
     total = method.total_steps
     bounds = sorted({0, total, *(t for t in method.mask_update_steps() if 0 < t < total)})
     flops = 0.0
@@ -35,7 +36,7 @@ def planned_flops(method, counter: FlopCounter) -> float:
         dense_grad_steps = sum(method.dense_weight_grad(step) for step in range(start, stop))
         flops += dense_grad_steps * counter.train_step(densities, dense_weight_grad=True)
         flops += (stop - start - dense_grad_steps) * counter.train_step(densities)
-    return flops
+    return flops + sum(method.step_flops_overhead(step) for step in range(total)) / batch_size
 
 
 def describe(run, write: Callable[[str], None] = print) -> float:
@@ -58,7 +59,7 @@ def describe(run, write: Callable[[str], None] = print) -> float:
         write(f"T_end (last mask change): step {updates[-1]} = {updates[-1] / total:.2f} of training")
 
     counter = FlopCounter(layer_forward_flops(run.model, run.data.input_shape))
-    ratio = planned_flops(method, counter) / (total * counter.dense_train_step())
+    ratio = planned_flops(method, counter, cfg.run.batch_size) / (total * counter.dense_train_step())
 
     weights = {n: t.numel for n, t in engine.tensors.items()}
     write("schedule:")

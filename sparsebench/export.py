@@ -193,6 +193,9 @@ def read_run(run_dir: Path) -> RunModel:
     config, final = _read_config(config_path), _read_final(final_path)
     if final.get("status") != "completed":
         raise UserError(f"run {run_dir} ended with status {final.get('status')!r}, not 'completed'; nothing to export")
+    if "svd" in final:  # its weights are dense low-rank products: no zeros for a sparse format to drop
+        raise UserError(f"run {run_dir} is SVD training (low-rank, not sparse): its model.pt holds dense weights of "
+                        "the ranks in final.json's svd entry; sparse formats and kernels do not apply")
     model_cfg = config.get("model")
     if not isinstance(model_cfg, dict) or not isinstance(model_cfg.get("name"), str):
         raise UserError(f"{config_path}: model.name is missing")

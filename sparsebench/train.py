@@ -391,23 +391,26 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             if exact_mars and run.optimizer.record_previous_gradients(  # the previous weights' gradient on this batch
                     model, lambda: step_objective(x, y, batch), lambda: mask_step_gradients(state["step"])):
                 state["train_flops"] += counter.train_step(engine.densities(), False) * batch  # a second pass
+                state["train_flops"] += method.step_flops_overhead(state["step"])
                 state["train_flops_dense"] += counter.dense_train_step() * batch
             with torch.autocast(device.type, enabled=use_amp):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
-            if replicas.active and not torch.isfinite(loss) and state["step"] < replicas.finetune_start:
+                objective = with_penalty(loss)  # what is backpropagated: a non-finite penalty diverges too
+            finite = bool(torch.isfinite(objective))
+            if replicas.active and not finite and state["step"] < replicas.finetune_start:
                 raise UserError(f"P-GaP replica of rank {processes.rank} diverged at step {state['step']} "
-                                f"(loss {loss.item()}); the run stops at its last checkpoint")
-            if not distributed.agree(bool(torch.isfinite(loss)), data_ranks):
+                                f"(loss {objective.item()}); the run stops at its last checkpoint")
+            if not distributed.agree(finite, data_ranks):
                 if writes:
                     _write_diverged(path, run, state, started)
                 bar.close()
                 if live_log:
                     live_log.close()
-                log(f"diverged: loss is {loss.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
+                log(f"diverged: loss is {objective.item()} at step {state['step']}; marked in {path / results.FINAL_FILE}")
                 return
             run.optimizer.zero_grad(set_to_none=True)
-            scaler.scale(with_penalty(loss) * data_ranks.loss_scale(len(y), batch)).backward()
+            scaler.scale(objective * data_ranks.loss_scale(len(y), batch)).backward()
             finish_step(method, engine, ctx, lambda: (scaler.step(run.optimizer), scaler.update()))
             if distributed.agree_any(bool(engine.mask_events), data_ranks):
                 distributed.check_masks(engine.masks(), data_ranks)  # every rank holds rank 0's masks
@@ -419,6 +422,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             if flops_cache[:2] != (engine.version, dense_grad):
                 flops_cache = (engine.version, dense_grad, counter.train_step(engine.densities(), dense_grad))
             state["train_flops"] += flops_cache[2] * batch  # counted once, for the global batch
+            state["train_flops"] += method.step_flops_overhead(state["step"])
             state["train_flops_dense"] += counter.dense_train_step() * batch
             state["step"] += 1
             sums[0] += loss.item() * len(y)

@@ -49,6 +49,25 @@ def test_random_mask_keeps_active_weights_at_rate_and_scale_then_restores_them()
     assert torch.equal(layer.weight.detach(), raw)  # W is back before the optimizer steps it
 
 
+@pytest.mark.parametrize("on_dense", [True, False])
+def test_random_mask_covers_the_dense_kept_layers_unless_turned_off(on_dense):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 50))
+    method, engine = cigl(model, {"dpnum": 2, "swa_start": None, "random_mask_dense_layers": on_dense},
+                          dense_first=True, dense_last=True)
+    assert engine.dense_names == ["0.weight", "4.weight"]
+    ctx = context(torch.optim.SGD(model.parameters(), lr=0.1), 100)
+    method.start(ctx)
+    before = model[0].weight.detach().clone()
+    method.before_step(ctx)
+    dropped = int((model[0].weight == 0).sum()) - int((before == 0).sum())
+    if on_dense:  # p = 2: about half of the 2 500 weights of the dense first layer dropped this step
+        assert 1000 < dropped < 1500
+    else:
+        assert dropped == 0 and torch.equal(model[0].weight, before)
+    assert 0.4 < method.keep_rate() < 0.6
+
+
 def test_step_is_w_minus_lr_z_times_gradient_at_z_w():
     torch.manual_seed(1)
     layer = nn.Linear(4, 3, bias=False)
@@ -184,6 +203,7 @@ def test_cigl_runs_from_the_cli_with_its_averaged_model(tmp_path):
     (["method.swa_lr=-0.1"], "method.swa_lr=-0.1: expected a positive learning rate"),
     (["powerprop=2"], "method=cigl with powerprop"),
     (["backend=sparse"], "backend=sparse with method=cigl"),
+    (["optimizer=mars", "optimizer.variant=exact"], "optimizer.variant=exact with method=cigl"),
 ])
 def test_bad_options_are_refused_in_one_line_before_anything_is_written(tmp_path, args, message):
     proc = run_cli("train", "method=cigl", *args, f"results_root={tmp_path / 'r'}")

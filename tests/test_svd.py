@@ -244,6 +244,34 @@ def test_method_state_resumes_the_cut():
     assert resumed.ranks() == loop.method.ranks()
 
 
+def measured_overhead(method, model) -> float:
+    """FLOPs torch counts for forming every weight and the penalty, forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        total = sum(m.weight.sum() for m in method.layers.values())
+        penalty = method.loss_term()
+        (total if penalty is None else total + penalty).backward()
+    model.zero_grad()
+    return counter.get_total_flops()
+
+
+def test_step_overhead_is_what_torch_counts_before_and_after_the_cut():
+    loop = Loop(cut=0.5)
+    method = loop.method
+    assert method.step_flops_overhead(0) == pytest.approx(measured_overhead(method, loop.model), rel=0.01)
+    # a 12 x 16 and a 12 x 12 layer, full rank 12: 6 m n R + 6 R^2 (m + n) each
+    assert method.shapes == {"2.weight": (12, 16), "4.weight": (12, 12)}
+    assert method.step_flops_overhead(0) == (6 * 12 * 16 * 12 + 6 * 144 * 28) + (6 * 12 * 12 * 12 + 6 * 144 * 24)
+    loop.run(21)  # past the cut at step 20: the penalty on the kept columns only
+    r2, r4 = method.ranks()["2.weight"], method.ranks()["4.weight"]
+    assert max(r2, r4) < 12
+    assert method.step_flops_overhead(25) == (6 * 12 * 16 * 12 + 6 * r2 * r2 * 28) + (6 * 12 * 12 * 12 + 6 * r4 * r4 * 24)
+    assert method.step_flops_overhead(25) == pytest.approx(measured_overhead(method, loop.model), rel=0.01)
+    none, _ = svd_method(mlp(), cut=0.5, finetune_regularizers=FinetuneRegularizers.none)
+    assert none.step_flops_overhead(25) == 6 * 12 * 16 * 12 + 6 * 12 * 12 * 12  # the weights are still formed
+
+
 def test_plan_for_dry_runs():
     method, engine = svd_method(mlp(), total_steps=40, cut=0.75)
     assert method.mask_update_steps() == [30]
@@ -278,6 +306,10 @@ def test_cli_run_reports_ranks_and_model_pt_loads_into_the_plain_model(tmp_path)
     model.load_state_dict(torch.load(run / "model.pt"))  # strict: plain names only
     for name, info in layers.items():
         assert int(torch.linalg.matrix_rank(model.get_parameter(name).detach().reshape(64, -1))) == info["rank"]
+    # dense low-rank weights are not sparse: export and bench refuse the run in one line
+    for command in (["export", str(run)], ["bench", str(run)]):
+        assert cli.main(command) == 2
+    assert not (run / "export").exists()
 
 
 def test_killed_run_resumes_after_the_cut_to_the_same_result(tmp_path, interrupt_at_checkpoint):

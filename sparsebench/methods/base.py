@@ -118,6 +118,9 @@ class SparsityMethod:
     # mask and gradient rescaling): `backend=sparse`, whose compact kernels assume the masked
     # step, refuses them with one line.
     runs_on_sparse_backend: ClassVar[bool] = True
+    # True for a method whose forward uses a random draw of its own every step (CigL's mask Z):
+    # exact MARS's second pass at the previous weights could not see the same draw, so it is refused.
+    random_forward: ClassVar[bool] = False
     # Why the method cannot run under `powerprop` (refused in one line when built), or None.
     powerprop_conflict: ClassVar[str | None] = None
 
@@ -191,6 +194,11 @@ class SparsityMethod:
         orthogonality and singular-value penalties); None for none. The logged train_loss stays
         the task loss."""
         return None
+
+    def step_flops_overhead(self, step: int) -> float:
+        """Training FLOPs of `step` that do not scale with the batch (SVD training forms every
+        weight from U, s, V and takes its penalties, forward and backward); 0 for mask methods."""
+        return 0.0
 
     def parameter_densities(self) -> dict[str, float] | None:
         """Per prunable tensor, the fraction of the dense layer's parameters the model keeps, for

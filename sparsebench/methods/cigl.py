@@ -36,6 +36,11 @@ where we differ or could not verify:
   (p - 1)/p and p/(p - 1) in several places; we implement the update rule above as the paper
   writes it.
 * The code measures ECE with 10 bins, sparsebench with 15 (train.expected_calibration_error).
+* Z covers every conv and linear weight, as the code's does (its masking covers every layer but
+  biases and BatchNorm), including those sparsebench keeps dense (`dense_first`, `dense_last`);
+  `random_mask_dense_layers=false` restricts it to the sparse tensors.
+* BatchNorm statistics are recomputed on whole training batches on every rank (under DDP each
+  rank repeats the same pass; it is not counted in train_flops, under 1 % of a run).
 
 Not combined with Powerpropagation (Z would act on v, not on the weights) or `backend=sparse`.
 """
@@ -54,6 +59,7 @@ from sparsebench.methods.rigl import RigL, RigLOptions
 @dataclass
 class CigLOptions(RigLOptions):
     dpnum: int = 100  # p: each active weight is kept with probability (p - 1)/p every step
+    random_mask_dense_layers: bool = True  # Z on the layers kept dense too (dense_first/last), as the code
     swa_start: float | None = 0.8  # fraction of the epochs after which averaging starts; null: no averaging
     swa_lr: float | None = None  # constant learning rate while averaging; null: the run's schedule
 
@@ -63,6 +69,7 @@ class CigL(RigL):
     name = "cigl"
     Options = CigLOptions
     runs_on_sparse_backend = False
+    random_forward = True
     powerprop_conflict = "CigL's random mask acts on the weights, which Powerpropagation re-parameterises"
 
     def validate(self) -> None:
@@ -82,6 +89,10 @@ class CigL(RigL):
         self.swa_first_epoch = None if o.swa_start is None else max(1, round(o.swa_start * epochs))
         self.swa_count = 0
         self.swa_mean: dict[str, torch.Tensor] = {}
+        # The weights Z acts on: every sparse tensor, and the dense-kept layers' unless turned off.
+        self.z_targets = {n: t.param for n, t in self.engine.tensors.items()}
+        if o.random_mask_dense_layers:
+            self.z_targets.update({n: self.engine.model.get_parameter(n) for n in self.engine.dense_names})
         self._raw: dict[str, torch.Tensor] = {}  # W, while the model holds Z * W
         self._z: dict[str, torch.Tensor] = {}  # Z: 0 or p/(p - 1)
         averaging = ("no weight averaging" if self.swa_first_epoch is None else
@@ -94,22 +105,27 @@ class CigL(RigL):
     def before_step(self, ctx: StepContext) -> None:
         super().before_step(ctx)
         p = self.options.dpnum
-        for name, t in self.engine.tensors.items():
-            # Drawn for every entry (masked ones too), so the generator advances the same way
-            # whatever the masks: resumed and uninterrupted runs draw the same Z.
-            keep = torch.randint(0, p, t.param.shape, generator=self.generator) < p - 1
-            z = keep.to(device=t.param.device, dtype=t.param.dtype) * self.keep_scale
-            self._raw[name] = t.param.detach().clone()
-            self._z[name] = z
-            t.param.mul_(z)
+        # One seed a step from the method's generator (checkpointed), Z drawn where the weights
+        # are: no host-side draw and copy of every entry each step on a GPU. Every entry is drawn,
+        # masked ones too, so resumed and uninterrupted runs (and every DDP rank) draw the same Z.
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        draws: dict[torch.device, torch.Generator] = {}
+        for name, param in self.z_targets.items():
+            device = param.device
+            if device not in draws:
+                draws[device] = torch.Generator(device=device).manual_seed(seed)
+            keep = torch.randint(0, p, param.shape, generator=draws[device], device=device, dtype=torch.int32) < p - 1
+            self._raw[name] = param.detach().clone()
+            self._z[name] = keep.to(param.dtype) * self.keep_scale
+            param.mul_(self._z[name])
 
     @torch.no_grad()
     def after_backward(self, ctx: StepContext) -> None:
         super().after_backward(ctx)  # RigL's update steps read the gradient at Z * W here
-        for name, t in self.engine.tensors.items():
-            if t.param.grad is not None:
-                t.param.grad.mul_(self._z[name])  # d/dW L(Z * W) = Z * grad L(Z * W)
-            t.param.copy_(self._raw[name])
+        for name, param in self.z_targets.items():
+            if param.grad is not None:
+                param.grad.mul_(self._z[name])  # d/dW L(Z * W) = Z * grad L(Z * W)
+            param.copy_(self._raw[name])
         self._raw, self._z = {}, {}
 
     def keep_rate(self) -> float:

@@ -41,9 +41,13 @@ authors' code, yanghr/SVD_Prune_EDLCV, was read for what it does):
   training run with a cut and fine-tuning in it (the code trains, cuts and fine-tunes in three
   separate runs).
 
-The layers are computed as dense weights from U, s, V on every step, so training FLOPs are a dense
-model's (the engine's masks stay all ones; `densities_at` says so to dry runs); only inference
-FLOPs count the low-rank form. Needs distribution=uniform (its dense_first / dense_last /
+The layers are computed as dense weights from U, s, V on every step, so a step costs a dense
+model's FLOPs (the engine's masks stay all ones; `densities_at` says so to dry runs) plus forming
+each W and the penalties, forward and backward (`step_flops_overhead`: independent of the batch,
+1.17x a dense step in all on the default model at batch 128, far more on wide layers at small
+batches); only inference FLOPs count the low-rank form, r(m + n) per output position, which
+undercounts a spatially decomposed strided convolution (its first factor runs at the stride of
+one axis only). Grouped convolutions are refused. Needs distribution=uniform (its dense_first / dense_last /
 dense_layers choose the layers; ranks are allocated by the energy threshold, not per layer),
 unstructured sparsity, powerprop=1 and backend=masked.
 """
@@ -113,6 +117,10 @@ class SVDTraining(SparsityMethod):
         if not 0 < self.cut_step < self.total_steps:
             raise UserError(f"method.cut={o.cut}: with {self.total_steps} training steps the cut falls at step "
                             f"{self.cut_step}, leaving no training before it or no fine-tuning after it; raise epochs")
+        grouped = [n for n, t in self.engine.tensors.items() if getattr(t.module, "groups", 1) > 1]
+        if grouped:
+            raise UserError(f"method svd: {grouped[0]} is a grouped convolution, which U diag(s) V^T cannot factor "
+                            "into two convolutions of fewer FLOPs; keep it dense with distribution.dense_layers")
         decomposition = o.decomposition.value
         self.layers = {n: t.module for n, t in self.engine.tensors.items()}
         self.shapes = {n: matrix_shape(t.module.weight.shape, decomposition) for n, t in self.engine.tensors.items()}
@@ -193,6 +201,22 @@ class SVDTraining(SparsityMethod):
         if o.finetune_regularizers is FinetuneRegularizers.orthogonality:
             return o.lambda_orthogonality, 0.0
         return 0.0, 0.0
+
+    def step_flops_overhead(self, step: int) -> float:
+        """What a step computes beyond the dense layers, per layer (m x n, full rank R): forming
+        W = (U s) V^T, 2mnR FLOPs, and its backward, 4mnR; the orthogonality penalty on r kept
+        columns (R before the cut), 2r^2(m + n) forward and twice that backward. Independent of the
+        batch, and charged as computed: the removed columns stay in the product as zeros."""
+        orthogonality = self.options.lambda_orthogonality > 0 and (
+            step < self.cut_step or self.options.finetune_regularizers is not FinetuneRegularizers.none)
+        flops = 0.0
+        for name, (m, n) in self.shapes.items():
+            full = min(m, n)
+            flops += 6.0 * m * n * full
+            if orthogonality:
+                r = full if step < self.cut_step or not self.cut_done else int(self.rank_masks[name].sum())
+                flops += 6.0 * r * r * (m + n)
+        return flops
 
     def loss_term(self) -> torch.Tensor | None:
         orthogonality, sparsity = self.regularizer_weights()
