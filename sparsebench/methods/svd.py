@@ -206,7 +206,8 @@ class SVDTraining(SparsityMethod):
         """What a step computes beyond the dense layers, per layer (m x n, full rank R): forming
         W = (U s) V^T, 2mnR FLOPs, and its backward, 4mnR; the orthogonality penalty on r kept
         columns (R before the cut), 2r^2(m + n) forward and twice that backward. Independent of the
-        batch, and charged as computed: the removed columns stay in the product as zeros."""
+        batch, and charged as computed: the removed columns stay in the product as zeros. A dry
+        run, which cannot know the ranks, charges the penalty at full rank after the cut too."""
         orthogonality = self.options.lambda_orthogonality > 0 and (
             step < self.cut_step or self.options.finetune_regularizers is not FinetuneRegularizers.none)
         flops = 0.0
