@@ -62,6 +62,21 @@ def test_two_ranks_train_one_run_with_the_single_process_contract(tmp_path):
 
 
 @pytest.mark.slow
+def test_cigl_ranks_draw_the_same_random_mask(tmp_path):
+    """Each rank multiplies the all-reduced gradient by its own Z: ranks drawing different masks
+    would move their weights apart, and the next RigL round's masks (checked across ranks at
+    every change) would differ. The run completes with the averaged model's exact counts."""
+    proc = torchrun(["method=cigl", "method.delta_t=2", "method.swa_start=0.5", "epochs=3", "dataset.num_samples=600",
+                     "progress=none", f"results_root={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [p.parent for p in tmp_path.rglob(results.FINAL_FILE)]
+    final = json.loads((run / results.FINAL_FILE).read_text())
+    assert final["world_size"] == 2 and final["cigl"]["averaged_snapshots"] == 2
+    assert final["actual_sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert len(results.read_jsonl(run / results.MASK_UPDATES_FILE)) >= 3  # masks changed, and were checked
+
+
+@pytest.mark.slow
 def test_a_run_killed_in_one_process_resumes_under_torchrun(tmp_path, interrupt_at_checkpoint):
     args = [*TINY, "epochs=4", f"results_root={tmp_path}"]
     interrupt = interrupt_at_checkpoint(3)
