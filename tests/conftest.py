@@ -1,7 +1,7 @@
 """Fixtures shared by several test modules."""
 import pytest
 
-from sparsebench import results
+from sparsebench import cli, results
 
 
 class CheckpointInterrupt:
@@ -28,3 +28,21 @@ class CheckpointInterrupt:
 def interrupt_at_checkpoint(monkeypatch):
     """`interrupt_at_checkpoint(3)` arms a `CheckpointInterrupt`; `.remove()` disarms it."""
     return lambda at: CheckpointInterrupt(monkeypatch, at)
+
+
+@pytest.fixture
+def interrupted_then_resumed(interrupt_at_checkpoint):
+    """`interrupted_then_resumed(args, root, at)`: `sparsebench <args>` into `root`, interrupted
+    while writing its `at`-th checkpoint, then relaunched to the end; returns the run directory."""
+    def run(args: list[str], root, at: int):
+        interrupt = interrupt_at_checkpoint(at)
+        try:
+            code = cli.main([*args, f"results_root={root}"])
+        except BaseException:  # noqa: BLE001 - the interrupt, however the trainer reports it
+            code = None
+        assert code != 0 and interrupt.calls == at
+        interrupt.remove()
+        assert cli.main([*args, f"results_root={root}"]) == 0
+        (run_dir,) = [p.parent for p in root.rglob(results.FINAL_FILE)]
+        return run_dir
+    return run

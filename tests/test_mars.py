@@ -13,21 +13,24 @@ from sparsebench.mars import MarsAdamW
 from sparsebench.sparse.masked import MaskedModel
 
 
+def hand_update(x, m, v, t, g, g_prev, lr=0.01, beta1=0.95, beta2=0.99, eps=1e-8, wd=0.0, gamma=0.5):
+    """One MARS-AdamW update of flat lists with an explicit g_prev (docs/methods.md#mars)."""
+    c = [gi + gamma * beta1 / (1 - beta1) * (gi - pi) for gi, pi in zip(g, g_prev)]
+    norm = math.sqrt(sum(ci * ci for ci in c))
+    if norm > 1:
+        c = [ci / norm for ci in c]
+    m = [beta1 * mi + (1 - beta1) * ci for mi, ci in zip(m, c)]
+    v = [beta2 * vi + (1 - beta2) * ci * ci for vi, ci in zip(v, c)]
+    b1, b2 = 1 - beta1 ** t, 1 - beta2 ** t
+    x = [xi - lr * (wd * xi + (mi / b1) / (math.sqrt(vi / b2) + eps)) for xi, mi, vi in zip(x, m, v)]
+    return x, m, v
+
+
 def hand_mars(x, grads, lr, beta1, beta2, eps, wd, gamma):
-    """The update of docs/methods.md#mars written out element by element, per tensor norm."""
-    x = list(x)
-    m = [0.0] * len(x)
-    v = [0.0] * len(x)
-    last = [0.0] * len(x)
+    """Approximate MARS over several steps: g_prev is the previous step's gradient (0 at first)."""
+    x, m, v, last = list(x), [0.0] * len(x), [0.0] * len(x), [0.0] * len(x)
     for t, g in enumerate(grads, start=1):
-        c = [gi + gamma * beta1 / (1 - beta1) * (gi - li) for gi, li in zip(g, last)]
-        norm = math.sqrt(sum(ci * ci for ci in c))
-        if norm > 1:
-            c = [ci / norm for ci in c]
-        m = [beta1 * mi + (1 - beta1) * ci for mi, ci in zip(m, c)]
-        v = [beta2 * vi + (1 - beta2) * ci * ci for vi, ci in zip(v, c)]
-        b1, b2 = 1 - beta1 ** t, 1 - beta2 ** t
-        x = [xi - lr * (wd * xi + (mi / b1) / (math.sqrt(vi / b2) + eps)) for xi, mi, vi in zip(x, m, v)]
+        x, m, v = hand_update(x, m, v, t, g, last, lr, beta1, beta2, eps, wd, gamma)
         last = list(g)
     return x
 
@@ -44,19 +47,6 @@ def test_two_steps_match_the_hand_computed_update(scale):
     expected = hand_mars(start, grads, 0.01, 0.95, 0.99, 1e-8, 0.1, 0.025)
     assert p.detach().view(-1).tolist() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     assert opt.state[p]["last_grad"].view(-1).tolist() == pytest.approx(grads[-1])
-
-
-def hand_update(x, m, v, t, g, g_prev, lr=0.01, beta1=0.95, beta2=0.99, eps=1e-8, wd=0.0, gamma=0.5):
-    """One MARS-AdamW update of flat lists with an explicit g_prev (docs/methods.md#mars)."""
-    c = [gi + gamma * beta1 / (1 - beta1) * (gi - pi) for gi, pi in zip(g, g_prev)]
-    norm = math.sqrt(sum(ci * ci for ci in c))
-    if norm > 1:
-        c = [ci / norm for ci in c]
-    m = [beta1 * mi + (1 - beta1) * ci for mi, ci in zip(m, c)]
-    v = [beta2 * vi + (1 - beta2) * ci * ci for vi, ci in zip(v, c)]
-    b1, b2 = 1 - beta1 ** t, 1 - beta2 ** t
-    x = [xi - lr * (wd * xi + (mi / b1) / (math.sqrt(vi / b2) + eps)) for xi, mi, vi in zip(x, m, v)]
-    return x, m, v
 
 
 def test_exact_variant_corrects_with_the_previous_weights_gradient_on_this_batch():

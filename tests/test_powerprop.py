@@ -313,20 +313,12 @@ def test_every_method_completes_a_real_run_under_powerprop(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_powerprop_regrowth_resumes_to_identical_result(tmp_path, interrupt_at_checkpoint):
+def test_powerprop_regrowth_resumes_to_identical_result(tmp_path, interrupted_then_resumed):
     # Regrown v are drawn from torch's global generator, which checkpoints save and restore.
 
     args = ["train", "method=acdc", "powerprop=2", "epochs=4", "dataset.num_samples=600", "progress=none"]
     assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
-    interrupt = interrupt_at_checkpoint(3)
-    try:
-        code = cli.main([*args, f"results_root={tmp_path / 'killed'}"])
-    except BaseException:  # noqa: BLE001 - the interrupt, however the trainer reports it
-        code = None
-    assert code != 0 and interrupt.calls == 3
-    interrupt.remove()
-    assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) == 0
+    killed = interrupted_then_resumed(args, tmp_path / "killed", 3)
     (whole,) = [p.parent for p in (tmp_path / "whole").rglob("final.json")]
-    (killed,) = [p.parent for p in (tmp_path / "killed").rglob("final.json")]
     sa, sb = torch.load(whole / "model.pt"), torch.load(killed / "model.pt")
     assert all(torch.equal(sa[k], sb[k]) for k in sa)

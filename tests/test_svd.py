@@ -312,18 +312,12 @@ def test_cli_run_reports_ranks_and_model_pt_loads_into_the_plain_model(tmp_path)
     assert not (run / "export").exists()
 
 
-def test_killed_run_resumes_after_the_cut_to_the_same_result(tmp_path, interrupt_at_checkpoint):
+def test_killed_run_resumes_after_the_cut_to_the_same_result(tmp_path, interrupted_then_resumed):
     args = ["train", "method=svd", "method.cut=0.4", "epochs=4", "dataset.num_samples=600", "progress=none"]
     assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
-    interrupt = interrupt_at_checkpoint(3)  # epochs 1 and 2 saved; the cut (epoch 2) is in the checkpoint
-    try:
-        code = cli.main([*args, f"results_root={tmp_path / 'killed'}"])
-    except BaseException:  # noqa: BLE001 - the interrupt, however the trainer reports it
-        code = None
-    assert code != 0 and interrupt.calls == 3
-    interrupt.remove()
-    assert cli.main([*args, f"results_root={tmp_path / 'killed'}"]) == 0
-    whole, killed = only_run(tmp_path / "whole"), only_run(tmp_path / "killed")
+    # interrupted at its third checkpoint: epochs 1 and 2 saved, the cut (epoch 2) in the checkpoint
+    killed = interrupted_then_resumed(args, tmp_path / "killed", 3)
+    whole = only_run(tmp_path / "whole")
     a, b = torch.load(whole / "model.pt"), torch.load(killed / "model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fa, fb = (json.loads((p / "final.json").read_text()) for p in (whole, killed))
