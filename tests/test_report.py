@@ -765,6 +765,27 @@ def test_groups_mixing_code_versions_are_flagged_and_still_averaged(tmp_path, ca
     assert set(runs["code_version"]) == {"0.1.0 aaaaaaa", "0.1.0 bbbbbbb-dirty"}
 
 
+def test_groups_mixing_thread_counts_are_flagged_and_still_averaged(tmp_path, capsys):
+    # The same seed and code on another thread count sum floats in another order: a rerun there
+    # is another draw (rigl at 90 %, seed 1: 93.8 with two threads, 93.5 with one).
+    def provenance(threads):
+        return {"sparsebench": "0.1.0", "commit": "a" * 40, "device": "cpu", "threads": threads, "torch": "2.14.1",
+                "world_size": 1}
+
+    write_run(tmp_path, "rigl", 0.9, 0, final(90.0, flops=20.0, provenance=provenance(1)))
+    write_run(tmp_path, "rigl", 0.9, 1, final(92.0, flops=20.0, provenance=provenance(2)))
+    write_run(tmp_path, "set", 0.9, 0, final(88.0, flops=20.0, provenance=provenance(1)))
+    write_run(tmp_path, "set", 0.9, 1, final(89.0, flops=20.0, provenance=provenance(1)))
+    code, out, err = report([str(tmp_path), "--no-plots"], capsys)
+    assert code == 0, err
+    assert "1 group mixing set-ups" in out.split("## Health")[0]
+    section = out.split("### Groups mixing set-ups")[1].split("###")[0]
+    row = next(line for line in section.splitlines() if "| rigl" in line)
+    assert "cpu, 1 thread, torch 2.14.1 (1 run)" in row and "cpu, 2 threads, torch 2.14.1 (1 run)" in row
+    assert not any("| set " in line for line in section.splitlines()) and "### Groups mixing code versions" not in out
+    assert summary_row(tmp_path / "report", "rigl", 0.9)["n"] == 2  # flagged, still averaged
+
+
 # ---------------------------------------------------------------------------- figures
 def figure_tree(root: Path) -> Path:
     for seed in (0, 1):

@@ -163,6 +163,11 @@ def health_categories(health: Health, modal_n: int) -> list[HealthCategory]:
         (health.mixed_code, "Groups mixing code versions",
          "Averaged, but their runs were trained by different sparsebench code (final.json's provenance): "
          "relaunch the older ones with rerun=true if the change matters.", "group{s} mixing code versions"),
+        (health.mixed_compute, "Groups mixing set-ups",
+         "Averaged, but their runs ran on different set-ups (device, thread count, ranks, torch; final.json's "
+         "provenance), which sum floats in another order: a seed's numbers there are another draw, not a "
+         "reproduction. Relaunch with rerun=true on one set-up (e.g. OMP_NUM_THREADS=1) to compare like with like.",
+         "group{s} mixing set-ups"),
         (health.bench_problems, "Unusable bench.json",
          "The runs' results are averaged; their measured speedups are left out.",
          "run{s} with an unusable bench.json (speedups left out)"),

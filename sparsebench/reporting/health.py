@@ -20,12 +20,13 @@ class Health:
     duplicate_seeds: pd.DataFrame  # groups averaging two runs of one seed, and what tells them apart
     bench_problems: pd.DataFrame  # healthy runs whose bench.json is unusable: run, problem
     mixed_code: pd.DataFrame  # groups whose runs come from different sparsebench code: group, versions
+    mixed_compute: pd.DataFrame  # groups whose runs ran on different set-ups (device, threads, torch)
 
     @property
     def clean(self) -> bool:
         return all(frame.empty for frame in (
             self.problems, self.suspicious, self.seed_gaps, self.duplicate_seeds, self.bench_problems,
-            self.mixed_code,
+            self.mixed_code, self.mixed_compute,
         ))
 
 
@@ -37,21 +38,34 @@ def check_health(runs: pd.DataFrame, grouping: Grouping) -> Health:
     bench = (runs["state"] == OK) & runs["bench_problem"].notna()
     bench_problems = runs.loc[bench, ["run", "bench_problem"]].rename(columns={"bench_problem": "problem"})
     return Health(problems, suspicious, seed_gaps(runs, grouping.keys), duplicate_seeds(runs, grouping.keys),
-                  bench_problems.reset_index(drop=True), mixed_code(runs, grouping.keys))
+                  bench_problems.reset_index(drop=True), mixed_code(runs, grouping.keys),
+                  mixed_compute(runs, grouping.keys))
 
 
 def mixed_code(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
     """Groups averaging runs of different code versions (the run directory's hash covers the
     config, not the code: a run finished before a fix is skipped, not redone, unless rerun=true)."""
-    columns = [*keys, "code versions"]
-    healthy = runs[(runs["state"] == OK) & runs["code_version"].notna()] if "code_version" in runs else runs.iloc[:0]
+    return _mixed(runs, keys, "code_version", "code versions")
+
+
+def mixed_compute(runs: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
+    """Groups averaging runs made on different set-ups (device, threads, ranks, torch): the
+    same seed and code sum floats in another order there, so the runs are not reproductions of
+    one another (the directory's hash leaves the set-up out, as it must to let a run resume)."""
+    return _mixed(runs, keys, "compute", "set-ups")
+
+
+def _mixed(runs: pd.DataFrame, keys: tuple[str, ...], column: str, heading: str) -> pd.DataFrame:
+    """Groups whose healthy runs take more than one value of `column`, with each value's count."""
+    columns = [*keys, heading]
+    healthy = runs[(runs["state"] == OK) & runs[column].notna()] if column in runs else runs.iloc[:0]
     rows = []
     for key, part in healthy.groupby(list(keys), dropna=False, sort=True):
-        versions = sorted(part["code_version"].unique())
-        if len(versions) > 1:
-            counts = part["code_version"].value_counts()
+        values = sorted(part[column].unique())
+        if len(values) > 1:
+            counts = part[column].value_counts()
             rows.append([*(key if isinstance(key, tuple) else (key,)),
-                         ", ".join(f"{v} ({counts[v]} run{'s' if counts[v] > 1 else ''})" for v in versions)])
+                         ", ".join(f"{v} ({counts[v]} run{'s' if counts[v] > 1 else ''})" for v in values)])
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -83,7 +83,7 @@ BENCH_COLUMNS = (
 )
 RESULT_COLUMNS = (
     "run", "state", "problem", "status", *NUMERIC_RESULTS, "flops_vs_dense", "inference_flops_vs_dense",
-    *BENCH_COLUMNS, "paper_test_acc", "paper_source", "layer_densities", "code_version",
+    *BENCH_COLUMNS, "paper_test_acc", "paper_source", "layer_densities", "code_version", "compute",
 )
 
 
@@ -414,6 +414,7 @@ def _results(final: dict) -> dict:
         raise _Unusable(f"{FINAL_FILE}: layer_densities is not a mapping of layer names to numbers")
     results["layer_densities"] = densities
     results["code_version"] = _code_version(final.get("provenance"))
+    results["compute"] = _compute(final.get("provenance"))
     results["flops_vs_dense"] = _ratio(results["train_flops"], results["train_flops_dense"])
     results["inference_flops_vs_dense"] = _ratio(results["inference_flops"], results["inference_flops_dense"])
     return results
@@ -427,6 +428,23 @@ def _code_version(provenance) -> str | None:
     version, commit = provenance.get("sparsebench"), provenance.get("commit")
     text = " ".join(_printable(str(part)) for part in (version, commit[:7] if isinstance(commit, str) else None) if part)
     return (text + ("-dirty" if provenance.get("dirty") is True else "")) or None
+
+
+def _compute(provenance) -> str | None:
+    """`cpu, 1 thread, torch 2.14.1+cu130` from final.json's provenance: what sets the order of a
+    run's floating-point sums, so the same seed and code give other numbers on another set-up
+    (a different thread count is enough); None for runs written before provenance was recorded."""
+    if not isinstance(provenance, dict) or provenance.get("device") is None:
+        return None
+    threads, ranks = provenance.get("threads"), provenance.get("world_size")
+    parts = [_printable(str(provenance["device"]))]
+    if isinstance(threads, int) and not isinstance(threads, bool):
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks > 1:
+        parts.append(f"{ranks} ranks")
+    if provenance.get("torch") is not None:
+        parts.append(f"torch {_printable(str(provenance['torch']))}")
+    return ", ".join(parts)
 
 
 def _ratio(part: float, whole: float) -> float:
