@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sparsebench import checkpoint, distributed, dry_run, interrupts, results
-from sparsebench.config import Config, Device, Progress
+from sparsebench.config import Config, Device, MarsVariant, Progress
 from sparsebench.data import DatasetBundle, load_dataset
 from sparsebench.errors import RunInterrupted, UserError
 from sparsebench.live_log import TensorBoardLog
@@ -71,7 +71,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     if cfg.optimizer == "mars":
         return MarsAdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                          gamma=o.gamma, betas_1d=(o.beta1_1d, o.beta2_1d), weight_decay_1d=o.weight_decay_1d,
-                         kernels=o.kernels, exact=o.variant.value == "exact")
+                         kernels=o.kernels, exact=o.variant is MarsVariant.exact)
     adam = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
@@ -341,7 +341,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             "epoch": epoch + 1, "step": state["step"], "lr": lr,
             "train_loss": totals[0] / totals[2], "train_acc": 100.0 * totals[1] / totals[2],
             "test_loss": test_loss, "test_acc": test_acc, "ece": ece, "itop_rate": engine.itop_rate(),
-            **kept_parameters(run),
+            **sparsity_fields(run),
             "weights_changed": MaskedModel.masks_changed(masks, masks_at_last_eval),
             "train_flops": state["train_flops"], "wall_time_s": state["wall_time_s"],
         }
@@ -487,7 +487,7 @@ def chance_accuracy(data: DatasetBundle) -> float:
     return 100.0 * counts.max().item() / len(labels)
 
 
-def kept_parameters(run: Run) -> dict:
+def sparsity_fields(run: Run) -> dict:
     """actual_sparsity and layer_densities: the weights' exact zeros, or the method's own count
     of kept parameters where its sparsity is not a mask (SVD training's ranks)."""
     densities = run.method.parameter_densities()
@@ -507,7 +507,7 @@ def _summary(run: Run, state: dict, status: str) -> dict:
         "input_normalization": run.data.normalization, "class_labels": run.data.class_labels,
         "method": results.method_label(cfg.method, cfg.run.powerprop), "model": cfg.model, "dataset": cfg.dataset, "distribution": cfg.distribution,
         "sparsity": cfg.run.sparsity, "seed": cfg.run.seed, "epochs": cfg.run.epochs, "steps": state["step"],
-        **kept_parameters(run),
+        **sparsity_fields(run),
         "itop_rate": run.engine.itop_rate(),
         "dense_layers": run.engine.dense_names,
         "best_test_acc": state["best_test_acc"],

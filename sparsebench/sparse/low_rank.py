@@ -98,12 +98,6 @@ def factors(module: nn.Module) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter
     return p.original0, p.original1, p.original2
 
 
-def low_rank_of(module: nn.Module) -> LowRank | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations.weight if isinstance(p, LowRank)), None)
-
-
 # ---------------------------------------------------------------------------- regularisers
 def orthogonality_penalty(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """(||U^T U - I||_F^2 + ||V^T V - I||_F^2) / r^2 for U (m x r), V (n x r): 0 exactly when the
