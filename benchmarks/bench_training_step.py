@@ -22,11 +22,16 @@ Cases: `mlp-S`: the registered `mlp` model 3072 -> 4096 -> 4096 -> 4096 -> 10 (a
 input flattened; the two 4096x4096 layers are prunable, the first and last stay dense as
 `distribution=uniform` keeps them), batch 128, sparsity S. `resnet18-S`: torchvision ResNet-18
 with the CIFAR stem on 32x32 inputs, batch 64 (as benchmarks/bench_masking.py), sparsity S.
+`--block B`: block masks (`distribution.structure=block distribution.block=B`, whole B x B
+blocks); the sparse step then picks CSR or BSR per layer as the trainer does (`--layers all`: BSR
+everywhere), and two more steps, `sparse-csr` and `sparse-bsr`, put every prunable layer on one
+kernel (chunked as the CPU default), so the kernels are compared on the same masks in one run.
 Target (issue #10): CPU, linear-heavy model at s=0.95: sparse step <= 0.7x the dense step.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -39,8 +44,9 @@ from sparsebench.config import Backend, BackendLayers
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.models import create_model
 from sparsebench.sparse import backend as training_backend
+from sparsebench.sparse.kernels import chunk_columns
 from sparsebench.sparse.masked import MaskedModel
-from sparsebench.sparse.structure import StructureKind
+from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
 
 CASES = {
     "mlp": dict(model="mlp", options={"hidden": [4096, 4096, 4096]}, input_shape=(3, 32, 32), batch=128),
@@ -58,8 +64,9 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, seed: int = 0):
-    """(step function, backend object or None) for one copy of the case's model."""
+def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, block: int | None = None, seed: int = 0):
+    """(step function, backend object or None) for one copy of the case's model; `backend` is
+    dense, masked, sparse or sparse-csr (every prunable layer on CSR kernels)."""
     torch.manual_seed(seed)
     model = create_model(case["model"], case["input_shape"], 10, **case["options"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -69,8 +76,9 @@ def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, se
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
         return dense_step, None
-    engine = MaskedModel(model, dense_first=True, dense_last=True)
-    target = SparsityTarget(sparsity, "uniform", {n: 1.0 - sparsity for n in engine.names})
+    structure = SparsityStructure(StructureKind.block, block=block) if block else UNSTRUCTURED
+    engine = MaskedModel(model, dense_first=True, dense_last=True, structure=structure)
+    target = SparsityTarget(sparsity, "uniform", engine.round_densities({n: 1.0 - sparsity for n in engine.names}))
     steps = 10**6
     static = METHODS.get("static")
     method = static(static.Options(), engine, target, steps, 100, torch.Generator().manual_seed(1))
@@ -81,10 +89,17 @@ def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, se
     if backend == "sparse":
         cfg = SimpleNamespace(run=SimpleNamespace(backend=Backend.sparse, backend_layers=BackendLayers(layers),
                                                   batch_size=batch, amp=False),
-                              distribution_options=SimpleNamespace(structure=StructureKind.unstructured))
+                              distribution_options=SimpleNamespace(structure=structure.kind))
         run = SimpleNamespace(cfg=cfg, method=method, engine=engine, optimizer=optimizer, device=torch.device("cpu"),
                               data=SimpleNamespace(input_shape=case["input_shape"]))
         backend_object = training_backend.create(run, None, print)
+    elif backend in ("sparse-csr", "sparse-bsr"):  # every prunable layer on one kernel, chunked as on CPU
+        fmt = backend.split("-")[1]
+        decisions = training_backend.decide(engine, {}, case["input_shape"], batch, torch.device("cpu"), "all")
+        decisions = {n: dataclasses.replace(d, format=fmt, block=block if fmt == "bsr" else None,
+                                            chunk=chunk_columns(fmt, engine.tensors[n].param[0].numel(), 4, block))
+                     for n, d in decisions.items()}
+        backend_object = training_backend.SparseBackend(engine, optimizer, decisions, lambda step: False, "all")
     counter = [0]
 
     def trainer_step(x, y):  # the loop body of train._train_locked, without logging
@@ -101,13 +116,14 @@ def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, se
     return trainer_step, backend_object
 
 
-def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | None) -> dict:
+def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | None, block: int | None = None) -> dict:
     case = CASES[name]
     batch = batch or case["batch"]
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *case["input_shape"]), generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
-    steps = {kind: build(case, sparsity, kind, layers, batch)[0] for kind in ("dense", "masked", "sparse")}
+    kinds = ("dense", "masked", "sparse") + (("sparse-csr", "sparse-bsr") if block else ())
+    steps = {kind: build(case, sparsity, kind, layers, batch, block)[0] for kind in kinds}
     for _ in range(2):  # warm-up: allocator, optimizer state, MKL handles, the sparse index
         for fn in steps.values():
             fn(x, y)
@@ -119,9 +135,10 @@ def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | 
     def paired(kind: str) -> float:  # median over repeats of (this step / the dense step of the same repeat)
         return statistics.median(t / d for t, d in zip(times[kind], times["dense"]))
 
-    return {"case": f"{name} s={sparsity} batch {batch} layers={layers}",
-            "dense_ms": 1e3 * statistics.median(times["dense"]), "masked": paired("masked"), "sparse": paired("sparse"),
-            "load": f"{before} -> {load()}"}
+    blocks = f" {block}x{block} blocks" if block else ""
+    return {"case": f"{name} s={sparsity}{blocks} batch {batch} layers={layers}",
+            "dense_ms": 1e3 * statistics.median(times["dense"]),
+            "ratios": {kind: paired(kind) for kind in kinds if kind != "dense"}, "load": f"{before} -> {load()}"}
 
 
 def main() -> None:
@@ -132,15 +149,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=None, help="default: the case's (mlp 128, resnet18 64)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--block", type=int, default=None, help="block masks of this side (BSR beside CSR)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}, load average {load()}")
     for spec in args.cases.split(","):
         name, _, sparsity = spec.partition("-")
-        r = measure(name, float(sparsity), args.layers, args.repeats, args.batch)
-        print(f"{r['case']}: dense step {r['dense_ms']:.0f} ms; masked / dense {r['masked']:.3f}; "
-              f"sparse / dense {r['sparse']:.3f}   (median of {args.repeats} paired ratios, interleaved; "
-              f"load {r['load']})")
+        r = measure(name, float(sparsity), args.layers, args.repeats, args.batch, args.block)
+        ratios = "; ".join(f"{kind} / dense {ratio:.3f}" for kind, ratio in r["ratios"].items())
+        print(f"{r['case']}: dense step {r['dense_ms']:.0f} ms; {ratios}   (median of {args.repeats} paired "
+              f"ratios, interleaved; load {r['load']})")
 
 
 if __name__ == "__main__":

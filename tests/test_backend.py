@@ -13,6 +13,7 @@ from sparsebench import cli, results
 from sparsebench.sparse import backend as sb
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import apply_powerprop
+from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
 
 # fp32: max |sparse - masked| <= TOL * max(1, max |masked|): summation order only (observed ~1e-6).
 TOL = 1e-5
@@ -83,6 +84,73 @@ def test_function_matches_the_masked_layer(kind, mode):
         assert rel_err(gs[2], gm[2]) <= TOL
 
 
+BLOCK_LAYERS = {  # (out, in*k) matrices made of 8x8 blocks
+    "linear": (lambda: nn.Linear(32, 24), (5, 32)),
+    "conv1d": (lambda: nn.Conv1d(4, 8, 4, padding=2, stride=2), (3, 4, 17)),
+    "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), (3, 8, 9, 7)),
+}
+
+
+def block_mask(shape: tuple[int, ...], block: int, density: float) -> torch.Tensor:
+    rows, cols = shape[0], torch.Size(shape[1:]).numel()
+    grid = torch.rand(rows // block, cols // block) < density
+    grid[0, 0] = True  # never empty
+    return grid.repeat_interleave(block, 0).repeat_interleave(block, 1).reshape(shape)
+
+
+def test_block_index_holds_the_blocks_in_block_order():
+    """The BSR operand is a view of the compact values; its transpose and the sampled gradient
+    agree with the dense matrix; a mask that is not whole blocks gets CSR."""
+    torch.manual_seed(0)
+    mask = block_mask((24, 32), 8, 0.4)
+    weight = torch.randn(24, 32) * mask
+    index = sb.make_index(mask, sb.BSR, 8)
+    assert isinstance(index, sb.BlockIndex) and index.nnz == int(mask.sum())
+    values = weight.reshape(-1)[index.flat]
+    first_row, first_col = divmod(int(index.flat[0]), 32)
+    assert torch.equal(values[:64].view(8, 8), weight[first_row:first_row + 8, first_col:first_col + 8])
+    matrix = index.matrix(values)
+    assert matrix.layout == torch.sparse_bsr and matrix.values().data_ptr() == values.data_ptr()
+    assert torch.equal(matrix.to_dense(), weight)
+    assert torch.equal(index.transposed(values).to_dense(), weight.t())
+    left, right = torch.randn(24, 5), torch.randn(5, 32)
+    assert rel_err(index.sampled(left, right), (left @ right).reshape(-1)[index.flat]) <= TOL
+    assert rel_err(index.scatter(values, weight), weight) == 0.0
+    ragged = mask.clone()
+    ragged[index.flat[0] // 32, index.flat[0] % 32] = False
+    assert type(sb.make_index(ragged, sb.BSR, 8)) is sb.SparseIndex
+
+
+@pytest.mark.parametrize("mode", ["compact", "scatter", "dense"])
+@pytest.mark.parametrize("kind", list(BLOCK_LAYERS))
+def test_bsr_function_matches_the_masked_layer(kind, mode):
+    """The same Functions on BSR operands (block masks): output, input and weight gradients."""
+    torch.manual_seed(0)
+    make, shape = BLOCK_LAYERS[kind]
+    module = make()
+    mask = block_mask(module.weight.shape, 8, 0.4)
+    with torch.no_grad():
+        module.weight.mul_(mask)
+    index = sb.BlockIndex(mask, 8)
+    geometry = None if isinstance(module, nn.Linear) else sb.ConvGeometry.of(module)
+    plan = Plan(index, geometry, dense=mode == "dense", compact=mode == "compact", chunk=16)
+    function = sb._SparseLinear if geometry is None else sb._SparseConv
+    x = torch.randn(shape)
+    xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys = function.apply(xs, module.weight, module.bias, module.weight.detach().reshape(-1)[index.flat], plan)
+    ym = module(xm)
+    grad_y = torch.randn_like(ym)
+    gs = torch.autograd.grad(ys, [xs, module.weight, module.bias], grad_y, allow_unused=True)
+    gm = torch.autograd.grad(ym, [xm, module.weight, module.bias], grad_y)
+    assert rel_err(ys, ym) <= TOL and rel_err(gs[0], gm[0]) <= TOL and rel_err(gs[2], gm[2]) <= TOL
+    if mode == "dense":
+        assert rel_err(gs[1], gm[1]) <= TOL
+    elif mode == "scatter":
+        assert rel_err(gs[1], gm[1] * mask) <= TOL and bool((gs[1][~mask] == 0).all())
+    else:
+        assert gs[1] is None and rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
+
+
 def test_sparse_output_takes_an_inplace_relu():
     """The next layer's ReLU(inplace=True) modifies the Function's output (must not be a view)."""
     torch.manual_seed(0)
@@ -124,15 +192,16 @@ OPTIMIZERS = {
 class Twin:
     """One model trained under one backend by the trainer's step order (hooks of a method elided)."""
 
-    def __init__(self, make, make_optimizer, backend: bool, density=0.3, powerprop=1.0, dense_steps=()):
+    def __init__(self, make, make_optimizer, backend: bool, density=0.3, powerprop=1.0, dense_steps=(),
+                 structure=UNSTRUCTURED):
         torch.manual_seed(0)
         self.model = make()
-        self.engine = MaskedModel(self.model)
+        self.engine = MaskedModel(self.model, structure=structure)
         if powerprop != 1.0:
             apply_powerprop(self.model, self.engine.names, powerprop)
             self.engine = MaskedModel(self.model)
         self.optimizer = make_optimizer(self.model.parameters())
-        densities = {n: density for n in self.engine.names}
+        densities = self.engine.round_densities({n: density for n in self.engine.names})
         self.engine.set_masks(self.engine.random_masks(densities, torch.Generator().manual_seed(1)), densities,
                               self.optimizer)
         self.backend = sb.MaskedBackend()
@@ -217,6 +286,46 @@ def test_conv_model_and_powerprop_train_alike():
         assert_same(masked, sparse)
 
 
+BLOCKS_4 = SparsityStructure(StructureKind.block, block=4)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_block_masks_train_on_bsr_as_under_masked(optimizer):
+    """Block masks under `all` run on BSR, and steps (one with the dense gradient, a mask change
+    between) leave the parameters and optimizer state the masked backend leaves."""
+    masked = Twin(mlp, OPTIMIZERS[optimizer], False, structure=BLOCKS_4, dense_steps=(2,))
+    sparse = Twin(mlp, OPTIMIZERS[optimizer], True, structure=BLOCKS_4, dense_steps=(2,))
+    assert {(d.format, d.block) for d in sparse.backend.decisions.values()} == {("bsr", 4)}
+    data = batches((12,), 5)
+    for i, (x, y) in enumerate(data):
+        if i == 3:  # a mask change: the compact state settles, the next index is built afresh
+            for twin in (masked, sparse):
+                densities = twin.engine.round_densities({n: 0.5 for n in twin.engine.names})
+                twin.engine.set_masks(twin.engine.magnitude_masks(densities), densities, twin.optimizer)
+        assert sparse.step(x, y) == pytest.approx(masked.step(x, y), rel=1e-5)
+    assert all(isinstance(layer.index, sb.BlockIndex) for layer in sparse.backend.layers.values())
+    assert_same(masked, sparse)
+
+
+def test_measured_decisions_weigh_bsr_for_block_masks(monkeypatch):
+    seen = []
+
+    def fake_probe(module, shape, density, batch, device, **options):
+        seen.append(options["block"])
+        return 10.0, 4.0, None, "bsr"
+
+    monkeypatch.setattr(sb, "probe", fake_probe)
+    twin = Twin(mlp, OPTIMIZERS["sgd"], False, structure=BLOCKS_4)
+    decisions = sb.decide(twin.engine, {}, (12,), 16, torch.device("cpu"), sb.MEASURED)
+    assert seen and set(seen) == {4}
+    assert all((d.path, d.format, d.block) == ("sparse", "bsr", 4) for d in decisions.values())
+    assert "sparse (BSR 4x4) 4.00 ms vs masked 10.00 ms" in decisions["0.weight"].line("0.weight")
+    # the real probe times both kernels on a block mask and names the faster one
+    dense_ms, sparse_ms, _, fmt = sb.probe(nn.Linear(32, 32), (32,), 0.25, 16, torch.device("cpu"), block=8,
+                                           repeats=1)
+    assert fmt in ("csr", "bsr") and dense_ms > 0 and sparse_ms > 0
+
+
 def test_layers_run_sparse_only_while_sparse_enough():
     twin = Twin(mlp, OPTIMIZERS["sgd"], True)
     layer = next(iter(twin.backend.layers.values()))
@@ -253,17 +362,26 @@ def the_run(root: Path) -> tuple[Path, dict]:
     return run, json.loads((run / results.FINAL_FILE).read_text())
 
 
+BLOCKS_16 = ["distribution.structure=block", "distribution.block=16"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [["method=static"], ["method=gmp", "method.frequency=10"],
-                                    ["method=rigl", "method.delta_t=10"]], ids=lambda m: m[0].split("=")[1])
+                                    ["method=rigl", "method.delta_t=10"], ["method=gmp", "method.frequency=10", *BLOCKS_16],
+                                    ["method=rigl", "method.delta_t=10", *BLOCKS_16]],
+                         ids=lambda m: m[0].split("=")[1] + ("-bsr" if BLOCKS_16[0] in m else ""))
 def test_same_run_under_both_backends_gives_the_same_masks_and_metrics(method, tmp_path):
-    """A linear-heavy model with every prunable layer forced onto the sparse path."""
+    """A linear-heavy model with every prunable layer forced onto the sparse path (BSR kernels
+    for block masks: RigL's dense-gradient steps and GMP's pruning rounds go through them too)."""
     for backend in ("masked", "sparse"):
         args = [*MLP_RUN, *method, f"backend={backend}", "backend_layers=all", f"results_root={tmp_path / backend}"]
         assert cli.main(args) == 0
     (ra, fa), (rb, fb) = the_run(tmp_path / "masked"), the_run(tmp_path / "sparse")
     assert fa["backend"] == "masked" and fb["backend"] == "sparse"
     assert fb["sparse_layers"] == ["3.weight", "5.weight"]
+    expected_kernel = ("bsr", 16) if BLOCKS_16[0] in method else ("csr", None)
+    assert {(d["format"], d["block"]) for d in fb["backend_decisions"].values() if d["path"] == "sparse"} == {
+        expected_kernel}
     assert fa["layer_densities"] == fb["layer_densities"] and fa["actual_sparsity"] == fb["actual_sparsity"]
     assert fa["itop_rate"] == fb["itop_rate"] and fa["train_flops"] == fb["train_flops"]
     assert results.read_jsonl(ra / results.MASK_UPDATES_FILE) == results.read_jsonl(rb / results.MASK_UPDATES_FILE)
@@ -283,12 +401,12 @@ def test_same_run_under_both_backends_gives_the_same_masks_and_metrics(method, t
 @pytest.mark.slow
 def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, capsys, interrupt_at_checkpoint):
     # Timing is machine noise: fixed measurements make the decisions (and this test) deterministic.
-    monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None))
+    monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None, "csr"))
     args = [*MLP_RUN, "epochs=3", "method=gmp", "method.frequency=10", "backend=sparse", "backend_layers=measured"]
     assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
     out = capsys.readouterr().out
     for name in ("3.weight", "5.weight"):  # final density 0.1: sparse while density <= 0.1 * 10 / 4
-        assert f"backend sparse: {name}: final density 0.1000: sparse 4.00 ms vs masked 10.00 ms" in out
+        assert f"backend sparse: {name}: final density 0.1000: sparse (CSR) 4.00 ms vs masked 10.00 ms" in out
         assert "-> sparse path while density <= 0.2500" in out
     whole, final = the_run(tmp_path / "whole")
     assert final["backend"] == "sparse" and final["backend_layers"] == "measured"

@@ -72,11 +72,20 @@ sparse (`all`). The optimizer restricted to active values is part of the MLP fig
 step (momentum, weight decay) over one dense 4096x4096 weight measured 100 ms against 56 ms for
 its forward GEMM (load 4.5), about a third of that layer's dense step.
 
-Devices: CPU is what was measured. CUDA runs the same
-Function with torch's CUDA CSR kernels (cuSPARSE) - UNMEASURED. Not implemented: BSR through
-torch's Triton kernels for `distribution.structure=block` (block masks run as CSR, which stores
-exactly the same entries) and 2:4 through `to_sparse_semi_structured` for `structure=nm`, which
-is refused with one line (`check`).
+Block masks (`distribution.structure=block`, b x b blocks): the same Functions take BSR operands
+(`BlockIndex`: the compact values in block order, so the forward's BSR matrix is a view of them;
+W^T's BSR holds the transposed blocks; the weight gradient is CSR's sampled product over the same
+entries, reordered). `measured` times CSR and BSR side by side and keeps the faster per layer;
+`all` uses BSR. On the CPU (MKL) they measured alike for a whole step (bench_training_step.py
+--block 16/32, MLP above: s=0.9 0.61/0.62 and 0.59/0.58, s=0.95 0.41/0.41 and 0.45/0.43, CSR/BSR
+step over the dense step): the weight gradient, computed alike, dominates. BSR is there for
+GPUs, where torch multiplies BSR through its Triton kernels.
+
+Devices: CPU is what was measured. CUDA runs the same Functions with torch's CUDA kernels
+(cuSPARSE CSR; BSR through Triton or cuSPARSE as torch dispatches) - UNMEASURED, no GPU was
+available. Not implemented: 2:4 through `to_sparse_semi_structured` for `structure=nm` (its
+kernels take fp16/bf16 and have no product with the transposed weight the input gradient needs),
+refused with one line (`check`), as is `amp=true`.
 """
 from __future__ import annotations
 
@@ -99,6 +108,7 @@ from sparsebench.sparse.masked import MaskedModel, PrunableTensor
 from sparsebench.sparse.structure import StructureKind
 
 MASKED, SPARSE = "masked", "sparse"
+CSR, BSR = "csr", "bsr"
 MEASURED, ALL = "measured", "all"
 
 # A layer goes sparse when its measured share of a sparse step costs at most this fraction of its
@@ -217,6 +227,73 @@ class SparseIndex:
         """A dense tensor shaped like `like`: `values` at the active positions, 0 elsewhere."""
         out = torch.zeros(like.numel(), dtype=values.dtype, device=values.device)
         return out.index_copy_(0, self.flat, values).view_as(like)
+
+
+def _bsr(crow: torch.Tensor, col: torch.Tensor, blocks: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_bsr_tensor(crow, col, blocks, shape, check_invariants=False)
+
+
+class BlockIndex(SparseIndex):
+    """The structure of a block mask (`distribution.structure=block`, square `block` x `block`
+    blocks of the (out, in*k) matrix) for BSR kernels. The active values are kept in *block*
+    order (block rows, then block columns, then the b x b entries of each block row-major), so
+    the BSR operand is a view of the compact values: no gather in the forward. The transpose is
+    the BSR of W^T: its blocks are the transposed blocks, reordered (`perm`, per block). The
+    weight gradient at the active entries is the CSR sampled product over the same entries (torch
+    has no CPU sampled product for BSR), reordered into block order (`from_row_major`)."""
+
+    def __init__(self, mask: torch.Tensor, block: int):
+        rows_n = mask.shape[0]
+        cols_n = mask.numel() // rows_n
+        if rows_n % block or cols_n % block:
+            raise ValueError(f"a {rows_n}x{cols_n} matrix is not made of {block}x{block} blocks")
+        self.shape, self.block = (rows_n, cols_n), block
+        grid_rows, grid_cols = rows_n // block, cols_n // block
+        active = mask.reshape(grid_rows, block, grid_cols, block).any(dim=3).any(dim=1)
+        block_rows, block_cols = active.nonzero(as_tuple=True)  # row-major over the block grid
+        inside = (torch.arange(block, device=mask.device).unsqueeze(1) * cols_n
+                  + torch.arange(block, device=mask.device)).reshape(-1)
+        starts = block_rows * (block * cols_n) + block_cols * block
+        self.flat = (starts.unsqueeze(1) + inside).reshape(-1)
+        self.nnz = self.flat.numel()
+        if self.nnz != int(mask.sum()):
+            raise ValueError(f"the mask is not made of whole {block}x{block} blocks")
+        crow = torch.zeros(grid_rows + 1, dtype=torch.int64, device=mask.device)
+        crow[1:] = torch.bincount(block_rows, minlength=grid_rows).cumsum(0)
+        self.perm = torch.argsort(block_cols * grid_rows + block_rows)
+        crow_t = torch.zeros(grid_cols + 1, dtype=torch.int64, device=mask.device)
+        crow_t[1:] = torch.bincount(block_cols, minlength=grid_cols).cumsum(0)
+        self.crow, self.col = _small(crow), _small(block_cols)
+        self.crow_t, self.col_t = _small(crow_t), _small(block_rows[self.perm])
+        self.rows_major = SparseIndex(mask)  # the same entries in row-major (CSR) order
+        self.from_row_major = torch.searchsorted(self.rows_major.flat, self.flat)
+        self._pattern = None
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        return _bsr(self.crow, self.col, values.view(-1, self.block, self.block), self.shape)
+
+    def transposed(self, values: torch.Tensor) -> torch.Tensor:
+        with _one_thread():
+            blocks = values.view(-1, self.block, self.block).index_select(0, self.perm).transpose(1, 2).contiguous()
+        return _bsr(self.crow_t, self.col_t, blocks, (self.shape[1], self.shape[0]))
+
+    def sampled(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        values = self.rows_major.sampled(left, right)
+        with _one_thread():
+            return values.index_select(0, self.from_row_major)
+
+
+def make_index(mask: torch.Tensor, fmt: str, block: int | None) -> SparseIndex:
+    """The index for `fmt` ("csr" or "bsr"); a mask that is not made of whole blocks (a method
+    that broke the structure would have been refused by the engine: defensive) gets CSR."""
+    if fmt == BSR and block:
+        try:
+            return BlockIndex(mask, block)
+        except ValueError:
+            pass
+    return SparseIndex(mask)
 
 
 # ---------------------------------------------------------------------------- the autograd Functions
@@ -408,15 +485,18 @@ class Decision:
 
     path: str  # "sparse" or "masked"
     max_density: float = 0.0  # sparse while 0 < density < 1 and density <= this
-    chunk: int | None = None  # columns per CSR call (None: one call)
+    chunk: int | None = None  # columns per sparse call (None: one call)
     final_density: float | None = None
     sparse_ms: float | None = None  # measured step share (forward, backward, update) at the final density
     dense_ms: float | None = None  # the same on the masked path
     reason: str = ""
+    format: str = CSR  # the kernel: "csr", or "bsr" for block masks (`block` x `block`)
+    block: int | None = None
 
     def line(self, name: str) -> str:
         if self.sparse_ms is not None and self.dense_ms is not None:
-            timing = (f"final density {self.final_density:.4f}: sparse {self.sparse_ms:.2f} ms vs masked "
+            kernel = f"BSR {self.block}x{self.block}" if self.format == BSR else "CSR"
+            timing = (f"final density {self.final_density:.4f}: sparse ({kernel}) {self.sparse_ms:.2f} ms vs masked "
                       f"{self.dense_ms:.2f} ms per step ({self.sparse_ms / self.dense_ms:.2f}x"
                       f"{', chunks of ' + str(self.chunk) if self.chunk else ''})")
         else:
@@ -463,7 +543,7 @@ class _Layer:
         key = (mask._version, mask.data_ptr())
         if key != self._mask_key:
             self.settle()  # the old index's inactive entries owe their optimizer-state decay
-            self.index = SparseIndex(mask)
+            self.index = make_index(mask, self.decision.format, self.decision.block)
             self._mask_key = key
             self._values = None
             self._shadow = None
@@ -610,26 +690,37 @@ def _optimizer_like(optimizer: torch.optim.Optimizer | None, params: list[torch.
     return type(optimizer)([{**options, "params": params}])
 
 
+def _probe_mask(weight_shape: tuple[int, ...], density: float, block: int | None,
+                generator: torch.Generator) -> torch.Tensor:
+    """A random mask of about `density`: single entries, or whole `block` x `block` blocks of the
+    (out, in*k) matrix."""
+    if not block:
+        return torch.rand(weight_shape, generator=generator) < density
+    rows = weight_shape[0]
+    cols = math.prod(weight_shape[1:])
+    grid = torch.rand(rows // block, cols // block, generator=generator) < density
+    return grid.repeat_interleave(block, 0).repeat_interleave(block, 1).reshape(weight_shape)
+
+
 def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch: int, device: torch.device,
           optimizer: torch.optim.Optimizer | None = None, compact: bool = True,
-          repeats: int = PROBE_REPEATS) -> tuple[float, float, int | None]:
-    """(dense ms, best sparse ms, its chunk): one layer's share of a training step, shaped like
-    `module`, at `density`, on a batch of `batch` inputs of `input_shape`, each path as the
-    trainer runs it: masked = forward, backward, gradient masked, the optimizer's step on the
-    dense weight, weight re-masked; sparse = the sparse Functions forward and backward, then the
-    active-values optimizer step with its write-back (or, without `compact`, the masked path's
-    bookkeeping on a dense gradient). Synthetic weights from a private generator (the run's RNG
-    streams are untouched), interleaved repeats, medians."""
+          repeats: int = PROBE_REPEATS, block: int | None = None) -> tuple[float, float, int | None, str]:
+    """(dense ms, best sparse ms, its chunk, its format): one layer's share of a training step,
+    shaped like `module`, at `density`, on a batch of `batch` inputs of `input_shape`, each path
+    as the trainer runs it: masked = forward, backward, gradient masked, the optimizer's step on
+    the dense weight, weight re-masked; sparse = the sparse Functions forward and backward, then
+    the active-values optimizer step with its write-back (or, without `compact`, the masked
+    path's bookkeeping on a dense gradient). With `block` (block masks), the mask is made of
+    whole blocks and BSR is timed beside CSR. Synthetic weights from a private generator (the
+    run's RNG streams are untouched), interleaved repeats, medians."""
     generator = torch.Generator().manual_seed(0)
     weight_shape = tuple(module.weight.shape)
     dtype = torch.float32
-    mask = (torch.rand(weight_shape, generator=generator) < density).to(device)
+    mask = _probe_mask(weight_shape, density, block, generator).to(device)
     keep = mask.to(dtype)
     weight = (torch.randn(weight_shape, generator=generator).to(device) * mask).requires_grad_()
     x = torch.randn((batch, *input_shape), generator=generator).to(device=device, dtype=dtype).requires_grad_()
     geometry = None if isinstance(module, nn.Linear) else ConvGeometry.of(module)
-    index = SparseIndex(mask)
-    values = weight.detach().reshape(-1)[index.flat]
     if geometry is None:
         dense_fn = lambda: F.linear(x, weight)  # noqa: E731
         rows_of_operand = weight_shape[1]
@@ -638,14 +729,19 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
         dense_fn = lambda: conv(x, weight, None, module.stride, module.padding, module.dilation)  # noqa: E731
         rows_of_operand = math.prod(weight_shape[1:])
     function = _SparseLinear if geometry is None else _SparseConv
-    chunk = chunk_columns("csr", rows_of_operand, 4) if device.type == "cpu" else None
-    plans = {None: _ProbePlan(index, geometry, None, compact)}
-    if chunk is not None:
-        plans[chunk] = _ProbePlan(index, geometry, chunk, compact)
+    formats = [CSR] + ([BSR] if block else [])
+    indices = {fmt: make_index(mask, fmt, block) for fmt in formats}
+    values = {fmt: weight.detach().reshape(-1)[index.flat] for fmt, index in indices.items()}
+    plans: dict[tuple[str, int | None], _ProbePlan] = {}
+    for fmt, index in indices.items():
+        plans[fmt, None] = _ProbePlan(index, geometry, None, compact)
+        chunk = chunk_columns(fmt, rows_of_operand, 4, block) if device.type == "cpu" else None
+        if chunk is not None:
+            plans[fmt, chunk] = _ProbePlan(index, geometry, chunk, compact)
     with torch.no_grad():
         grad_y = torch.randn(dense_fn().shape, generator=generator).to(device)
     dense_optimizer = _optimizer_like(optimizer, [weight])
-    compact_optimizer = _optimizer_like(optimizer, [values])
+    compact_optimizers = {fmt: _optimizer_like(optimizer, [v]) for fmt, v in values.items()}
 
     @torch.no_grad()
     def masked_update():
@@ -658,38 +754,42 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
         dense_fn().backward(grad_y)
         masked_update()
 
-    def sparse_path(plan: _ProbePlan):
+    def sparse_path(fmt: str, plan: _ProbePlan):
+        compact_values, compact_optimizer = values[fmt], compact_optimizers[fmt]
+
         def go():
             x.grad = weight.grad = None
-            function.apply(x, weight, None, values, plan).backward(grad_y)
+            function.apply(x, weight, None, compact_values, plan).backward(grad_y)
             if not compact:
                 masked_update()
                 return
             with torch.no_grad(), _one_thread():
-                values.grad = plan.taken
+                compact_values.grad = plan.taken
                 compact_optimizer.step()
-                values.grad = None
-                weight.detach().reshape(-1).index_copy_(0, index.flat, values)
+                compact_values.grad = None
+                weight.detach().reshape(-1).index_copy_(0, plan.index.flat, compact_values)
         return go
 
     candidates = {"dense": dense_path}
-    for c, plan in plans.items():
-        candidates[c] = sparse_path(plan)
+    for key, plan in plans.items():
+        candidates[key] = sparse_path(key[0], plan)
     timed = _timer(device)
     times: dict = {k: [] for k in candidates}
     started = time.perf_counter()
     for k, fn in candidates.items():  # warm-up (allocator, MKL handles, optimizer state) and a first look
         times[k].append(timed(fn))
-        if k is None and times[None][0] > HOPELESS * times["dense"][0]:  # clearly masked: stop here
-            return times["dense"][0] * 1e3, times[None][0] * 1e3, None
+    # Every one-call sparse product clearly slower than dense: masked, without more repeats.
+    first = min(times[fmt, None][0] for fmt in formats)
+    if first > HOPELESS * times["dense"][0]:
+        return times["dense"][0] * 1e3, first * 1e3, None, CSR
     for _ in range(repeats):
         if time.perf_counter() - started > PROBE_BUDGET_S:
             break
         for k, fn in candidates.items():
             times[k].append(timed(fn))
     median = {k: statistics.median(v[1:] or v) * 1e3 for k, v in times.items()}
-    best = min(plans, key=lambda c: median[c])
-    return median["dense"], median[best], best
+    fmt, chunk = min(plans, key=lambda key: median[key])
+    return median["dense"], median[fmt, chunk], chunk, fmt
 
 
 def layer_inputs(model: nn.Module, modules: Mapping[str, nn.Module],
@@ -807,8 +907,11 @@ def _skip_apply_masks(engine: MaskedModel, names: set[str]) -> None:
 def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shape: tuple[int, ...],
            batch: int, device: torch.device, layers_mode: str, optimizer: torch.optim.Optimizer | None = None,
            amp: bool = False) -> dict[str, Decision]:
-    """Each prunable layer's path: `all` (every layer that can) or `measured` (`probe` with the
-    run's optimizer class and hyper-parameters)."""
+    """Each prunable layer's path: `all` (every layer that can; BSR for block masks) or
+    `measured` (`probe` with the run's optimizer class and hyper-parameters; for block masks the
+    faster of CSR and BSR)."""
+    structure = engine.structure
+    block = structure.block if structure.kind is StructureKind.block else None
     decisions: dict[str, Decision] = {}
     modules = {n: t.module for n, t in engine.tensors.items()}
     shapes = layer_inputs(engine.model, modules, input_shape) if layers_mode == MEASURED else {}
@@ -821,8 +924,8 @@ def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shap
         elif density >= 1.0:
             decisions[name] = Decision(MASKED, final_density=density, reason="dense at the end of training")
         elif layers_mode == ALL:
-            decisions[name] = Decision(SPARSE, max_density=1.0, final_density=density,
-                                       reason="backend_layers=all")
+            decisions[name] = Decision(SPARSE, max_density=1.0, final_density=density, format=BSR if block else CSR,
+                                       block=block, reason="backend_layers=all")
         else:
             if name not in shapes:
                 decisions[name] = Decision(MASKED, final_density=density, reason="not reached by a forward pass")
@@ -833,12 +936,13 @@ def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shap
             if signature not in cache:
                 compact = compact_steps(optimizer, amp) and t.powerprop is None
                 cache[signature] = probe(module, shapes[name], density, batch, device, optimizer=optimizer,
-                                         compact=compact)
-            dense_ms, sparse_ms, chunk = cache[signature]
+                                         compact=compact, block=block)
+            dense_ms, sparse_ms, chunk, fmt = cache[signature]
             pays = sparse_ms <= PAYS * dense_ms
             max_density = min(1.0, density * dense_ms / sparse_ms) if pays else 0.0
             decisions[name] = Decision(SPARSE if pays else MASKED, max_density, chunk if pays else None, density,
-                                       round(sparse_ms, 3), round(dense_ms, 3))
+                                       round(sparse_ms, 3), round(dense_ms, 3), format=fmt,
+                                       block=block if fmt == BSR else None)
     return decisions
 
 
@@ -861,9 +965,6 @@ def create(run, saved: Mapping | None, log: Callable[[str], None]):
     layers_mode = cfg.run.backend_layers.value
     method = run.method
     amp = cfg.run.amp and run.device.type == "cuda"
-    if cfg.distribution_options.structure is StructureKind.block:
-        log("backend sparse: distribution.structure=block runs on CSR kernels (they store exactly the blocks' "
-            "entries); BSR training kernels are not implemented")
     if saved and saved.get("backend") == SPARSE:
         decisions = {n: Decision(**d) for n, d in saved["decisions"].items()}
         log(f"backend sparse: resumed with {sum(d.path == SPARSE for d in decisions.values())} of "
