@@ -58,17 +58,22 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: time to their completion
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, block: int | None = None, seed: int = 0):
+def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, block: int | None = None,
+          device: torch.device = torch.device("cpu"), seed: int = 0):
     """(step function, backend object or None) for one copy of the case's model; `backend` is
     dense, masked, sparse or sparse-csr (every prunable layer on CSR kernels)."""
     torch.manual_seed(seed)
-    model = create_model(case["model"], case["input_shape"], 10, **case["options"])
+    model = create_model(case["model"], case["input_shape"], 10, **case["options"]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     if backend == "dense":
         def dense_step(x, y):
@@ -90,14 +95,16 @@ def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, bl
         cfg = SimpleNamespace(run=SimpleNamespace(backend=Backend.sparse, backend_layers=BackendLayers(layers),
                                                   batch_size=batch, amp=False),
                               distribution_options=SimpleNamespace(structure=structure.kind))
-        run = SimpleNamespace(cfg=cfg, method=method, engine=engine, optimizer=optimizer, device=torch.device("cpu"),
+        run = SimpleNamespace(cfg=cfg, method=method, engine=engine, optimizer=optimizer, device=device,
                               data=SimpleNamespace(input_shape=case["input_shape"]))
         backend_object = training_backend.create(run, None, print)
     elif backend in ("sparse-csr", "sparse-bsr"):  # every prunable layer on one kernel, chunked as on CPU
         fmt = backend.split("-")[1]
-        decisions = training_backend.decide(engine, {}, case["input_shape"], batch, torch.device("cpu"), "all")
+        decisions = training_backend.decide(engine, {}, case["input_shape"], batch, device, "all")
+        cpu = device.type == "cpu"  # CUDA products are never cut into chunks
         decisions = {n: dataclasses.replace(d, format=fmt, block=block if fmt == "bsr" else None,
-                                            chunk=chunk_columns(fmt, engine.tensors[n].param[0].numel(), 4, block))
+                                            chunk=chunk_columns(fmt, engine.tensors[n].param[0].numel(), 4, block)
+                                            if cpu else None)
                      for n, d in decisions.items()}
         backend_object = training_backend.SparseBackend(engine, optimizer, decisions, lambda step: False, "all")
     counter = [0]
@@ -116,14 +123,15 @@ def build(case: dict, sparsity: float, backend: str, layers: str, batch: int, bl
     return trainer_step, backend_object
 
 
-def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | None, block: int | None = None) -> dict:
+def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | None, block: int | None = None,
+            device: torch.device = torch.device("cpu")) -> dict:
     case = CASES[name]
     batch = batch or case["batch"]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *case["input_shape"]), generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
+    x = torch.randn((batch, *case["input_shape"]), generator=generator).to(device)
+    y = torch.randint(0, 10, (batch,), generator=generator).to(device)
     kinds = ("dense", "masked", "sparse") + (("sparse-csr", "sparse-bsr") if block else ())
-    steps = {kind: build(case, sparsity, kind, layers, batch, block)[0] for kind in kinds}
+    steps = {kind: build(case, sparsity, kind, layers, batch, block, device)[0] for kind in kinds}
     for _ in range(2):  # warm-up: allocator, optimizer state, MKL handles, the sparse index
         for fn in steps.values():
             fn(x, y)
@@ -131,7 +139,7 @@ def measure(name: str, sparsity: float, layers: str, repeats: int, batch: int | 
     before = load()
     for _ in range(repeats):
         for kind, fn in steps.items():
-            times[kind].append(timed(lambda: fn(x, y)))
+            times[kind].append(timed(lambda: fn(x, y), device))
     def paired(kind: str) -> float:  # median over repeats of (this step / the dense step of the same repeat)
         return statistics.median(t / d for t, d in zip(times[kind], times["dense"]))
 
@@ -150,12 +158,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default: the case's (mlp 128, resnet18 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=int, default=None, help="block masks of this side (BSR beside CSR)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (steps timed to the GPU's completion)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU threads {torch.get_num_threads()}, torch {torch.__version__}, load average {load()}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    print(f"{where}, torch {torch.__version__}, load average {load()}")
     for spec in args.cases.split(","):
         name, _, sparsity = spec.partition("-")
-        r = measure(name, float(sparsity), args.layers, args.repeats, args.batch, args.block)
+        r = measure(name, float(sparsity), args.layers, args.repeats, args.batch, args.block, device)
         ratios = "; ".join(f"{kind} / dense {ratio:.3f}" for kind, ratio in r["ratios"].items())
         print(f"{r['case']}: dense step {r['dense_ms']:.0f} ms; {ratios}   (median of {args.repeats} paired "
               f"ratios, interleaved; load {r['load']})")

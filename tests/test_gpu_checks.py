@@ -1,0 +1,62 @@
+"""The prepared GPU checks (benchmarks/bench_gpu.py, scripts/gpu_checks.sh) run rarely, on a lent
+GPU: their plumbing is checked here on the CPU so that a GPU's few minutes are not lost to a typo."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_2_4_training_function_gives_the_dense_gradients():
+    """Its forward takes any weight operand (the 2:4 copy on a GPU, the dense weight here); both
+    gradients come from the dense weight, as a dense layer's would."""
+    module = bench_gpu()
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    weight.mul_(module.prune_2_4(weight))
+    assert int((weight != 0).reshape(8, 4, 4).sum(-1).max()) == 2
+    x = torch.randn(5, 16)
+    xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    xd, wd = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    grad_y = torch.randn(5, 8)
+    module._TwoFourForward.apply(xs, ws, weight).backward(grad_y)
+    F.linear(xd, wd).backward(grad_y)
+    assert torch.allclose(xs.grad, xd.grad, atol=1e-6) and torch.allclose(ws.grad, wd.grad, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU stand-in for the GPU run")
+def test_bench_gpu_smoke_run_writes_every_case(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--smoke", "--json", str(out)])
+    assert bench_gpu().main() == 0
+    results = json.loads(out.read_text())["results"]
+    assert not [r for r in results if "error" in r], capsys.readouterr().out
+    assert results[0]["case"] == "2:4" and "CUDA" in results[0]["skipped"]
+    forward = [r for r in results if r["case"].startswith("forward float32")]
+    assert len(forward) == 2 and all(set(r["timings"]) == {"dense", "csr", "bsr16", "bsr32", "bsr64"} for r in forward)
+    assert all(e <= 1e-4 for r in forward for e in r["relative_errors"].values())
+    shares = [r for r in results if r["case"].startswith("training share")]
+    assert len(shares) == 2 and all(len(r["timings"]) == 4 for r in shares)
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py"])
+    assert bench_gpu().main() == 2  # a real run without a GPU: one line, nothing measured
+    assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_gpu_checks_script_parses_and_names_its_verbs():
+    script = ROOT / "scripts" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: scripts/gpu_checks.sh wheels|run" in usage.stderr
