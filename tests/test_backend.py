@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench import cli, results
+from sparsebench.errors import UserError
 from sparsebench.sparse import backend as sb
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import apply_powerprop
@@ -324,6 +325,24 @@ def test_measured_decisions_weigh_bsr_for_block_masks(monkeypatch):
     dense_ms, sparse_ms, _, fmt = sb.probe(nn.Linear(32, 32), (32,), 0.25, 16, torch.device("cpu"), block=8,
                                            repeats=1)
     assert fmt in ("csr", "bsr") and dense_ms > 0 and sparse_ms > 0
+
+
+def test_bench_bsr_step_needs_block_masks():
+    """`sparsebench bench`'s sparse_bsr step: the largest block side the masks are made of; masks
+    that are not whole blocks get one line (shown as skipped), not a traceback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    blocks = {"0.weight": block_mask((64, 64), 32, 0.5), "2.weight": block_mask((32, 64), 16, 0.5)}
+    assert sb._mask_block(blocks) == 16
+    assert sb._mask_block({"0.weight": torch.rand(64, 64) < 0.5}) is None
+    with torch.no_grad():
+        for name, mask in blocks.items():
+            model.get_parameter(name).mul_(mask)
+    step = sb.BENCH_TRAIN_BACKENDS["sparse_bsr"](model, blocks)
+    step(torch.randn(8, 64), torch.randint(0, 32, (8,)))
+    assert all(bool((model.get_parameter(n)[~m] == 0).all()) for n, m in blocks.items())  # still the masks
+    with pytest.raises(UserError, match="whole blocks"):
+        sb.BENCH_TRAIN_BACKENDS["sparse_bsr"](model, {"0.weight": torch.rand(64, 64) < 0.5})
 
 
 def test_layers_run_sparse_only_while_sparse_enough():

@@ -63,6 +63,8 @@ def test_bench_run_writes_bench_json(run_dir, capsys):
     steps = report["training"]["steps"]
     assert report["training"]["batch"] == 8 and set(steps) >= {"dense", "masked"}
     assert steps["dense"]["speedup"] == 1.0 and steps["masked"]["step_ms"] > 0
+    # the sparse backend on CSR, and on BSR since this run's masks are 16x16 blocks
+    assert steps["sparse_all"]["status"] == "ok" and steps["sparse_bsr"]["status"] == "ok"
     # CPU peak memory comes from a child process; where /proc allows it, every format has a number.
     if "failed" not in report["memory_method"]:
         assert all(isinstance(report["formats"][n]["peak_memory_bytes"], int) for n in ("dense", "csr", "bsr"))

@@ -105,7 +105,7 @@ from sparsebench.errors import UserError
 from sparsebench.sparse.flops import probe_forward
 from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t
 from sparsebench.sparse.masked import MaskedModel, PrunableTensor
-from sparsebench.sparse.structure import StructureKind
+from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
 
 MASKED, SPARSE = "masked", "sparse"
 CSR, BSR = "csr", "bsr"
@@ -987,14 +987,36 @@ def create(run, saved: Mapping | None, log: Callable[[str], None]):
 
 
 # ---------------------------------------------------------------------------- `sparsebench bench`
-def _bench_factory():
+BENCH_BLOCKS = (64, 32, 16, 8)  # block sides `sparse_bsr` looks for, largest first
+
+
+def _mask_block(masks: Mapping[str, torch.Tensor]) -> int | None:
+    """The largest side b in BENCH_BLOCKS such that every mask is made of whole b x b blocks of
+    its (out, in*k) matrix (a `distribution.structure=block` run's masks), else None."""
+    for block in BENCH_BLOCKS:
+        structure = SparsityStructure(StructureKind.block, block=block)
+        if all(m.shape[0] % block == 0 and m[0].numel() % block == 0 and structure.follows(m.reshape(m.shape[0], -1))
+               for m in masks.values()):
+            return block
+    return None
+
+
+def _bench_factory(kernel: str):
     def factory(model: nn.Module, masks: Mapping[str, torch.Tensor]):
         """One training step (SGD, momentum 0.9, lr 1e-3 as the bench's other steps) under
-        `backend=sparse`, with `masks` installed through the engine."""
+        `backend=sparse`, every prunable layer on `kernel` (bsr: masks of whole blocks only),
+        with `masks` installed through the engine."""
+        block = None
+        if kernel == BSR:
+            block = _mask_block(masks)
+            if block is None:
+                raise UserError("BSR training needs masks made of whole blocks (a run trained with "
+                                "distribution.structure=block)")
         names = list(masks)
         prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-        engine = MaskedModel(model, dense_patterns=[n for n in prunable if n not in masks])
+        structure = SparsityStructure(StructureKind.block, block=block) if block else UNSTRUCTURED
+        engine = MaskedModel(model, dense_patterns=[n for n in prunable if n not in masks], structure=structure)
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         densities = {n: int(masks[n].sum()) / masks[n].numel() for n in names}
         engine.set_masks({n: masks[n] for n in names}, densities)
@@ -1014,4 +1036,4 @@ def _bench_factory():
     return factory
 
 
-BENCH_TRAIN_BACKENDS = {"sparse_all": _bench_factory()}
+BENCH_TRAIN_BACKENDS = {"sparse_all": _bench_factory(CSR), "sparse_bsr": _bench_factory(BSR)}
