@@ -552,10 +552,8 @@ def table(report: dict) -> str:
                          f"{row['throughput_per_s']:>11.1f} {row['speedup']:>7.2f}x")
     training = report["training"]
     if training["status"] == "ok":
-        steps = ", ".join(
-            f"{n} {s['step_ms']:.2f} ms ({s['speedup']:.2f}x)" if s["status"] == "ok" else f"{n} skipped: {s['reason']}"
-            for n, s in training["steps"].items()
-        )
+        steps = ", ".join(f"{n} {s['step_ms']:.2f} ms ({s['speedup']:.2f}x)"
+                          for n, s in training["steps"].items() if s["status"] == "ok")
         lines.append(f"training step, batch {training['batch']}: {steps}")
     lines.append(f"{'format':<16} {'weight bytes':>13} {'file bytes':>11} {'peak memory':>12}")
     for name, entry in report["formats"].items():
@@ -570,6 +568,9 @@ def table(report: dict) -> str:
             lines.append(f"skipped {name}: {entry['reason']}")
         elif entry.get("block_fill") is not None and entry["block_fill"] < 1.0:
             lines.append(f"note {name}: stored blocks are {entry['block_fill']:.1%} non-zero (padded with zeros)")
+    if training["status"] == "ok":
+        lines.extend(f"skipped training step {n}: {s['reason']}" for n, s in training["steps"].items()
+                     if s["status"] != "ok")
     return "\n".join(lines)
 
 

@@ -122,6 +122,13 @@ def test_block_index_holds_the_blocks_in_block_order():
     assert type(sb.make_index(ragged, sb.BSR, 8)) is sb.SparseIndex
 
 
+def test_bsr_block_sides_each_device_takes():
+    """MKL takes any side >= 2; torch's CUDA Triton kernel only powers of two >= 16 (others: CSR)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [sb.bsr_block(b, cpu) for b in (None, 1, 2, 8, 24)] == [None, None, 2, 8, 24]
+    assert [sb.bsr_block(b, cuda) for b in (8, 16, 24, 32, 64)] == [None, 16, None, 32, 64]
+
+
 @pytest.mark.parametrize("mode", ["compact", "scatter", "dense"])
 @pytest.mark.parametrize("kind", list(BLOCK_LAYERS))
 def test_bsr_function_matches_the_masked_layer(kind, mode):
@@ -150,6 +157,40 @@ def test_bsr_function_matches_the_masked_layer(kind, mode):
         assert rel_err(gs[1], gm[1] * mask) <= TOL and bool((gs[1][~mask] == 0).all())
     else:
         assert gs[1] is None and rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("batch", [8, 5])  # 5 * L columns: not a multiple of the block (CUDA pads)
+def test_functions_match_dense_on_each_device(device, fmt, kind, batch, monkeypatch):
+    """The Functions against the dense layer on the same device, 32x32 blocks (a side torch's CUDA
+    BSR kernel takes); what scripts/gpu_checks.sh runs on a GPU with -k cuda."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # dense convs in full fp32, as the sparse ones
+    torch.manual_seed(0)
+    module = (nn.Linear(128, 96) if kind == "linear" else nn.Conv2d(32, 64, 3, padding=1)).to(device)
+    shape = (batch, 128) if kind == "linear" else (batch, 32, 5, 6)
+    mask = block_mask(module.weight.shape, 32, 0.5).to(device)
+    with torch.no_grad():
+        module.weight.mul_(mask)
+    index = sb.make_index(mask, fmt, 32)
+    assert isinstance(index, sb.BlockIndex) == (fmt == "bsr")
+    geometry = None if kind == "linear" else sb.ConvGeometry.of(module)
+    plan = Plan(index, geometry, compact=True)
+    function = sb._SparseLinear if geometry is None else sb._SparseConv
+    x = torch.randn(shape, device=device)
+    xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys = function.apply(xs, module.weight, module.bias, module.weight.detach().reshape(-1)[index.flat], plan)
+    ym = module(xm)
+    grad_y = torch.randn_like(ym)
+    gs = torch.autograd.grad(ys, [xs, module.bias], grad_y)
+    gm = torch.autograd.grad(ym, [xm, module.weight, module.bias], grad_y)
+    assert ys.device.type == device and rel_err(ys, ym) <= TOL
+    assert rel_err(gs[0], gm[0]) <= TOL and rel_err(gs[1], gm[2]) <= TOL
+    assert rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
 
 
 def test_sparse_output_takes_an_inplace_relu():

@@ -55,6 +55,24 @@ def test_bench_gpu_smoke_run_writes_every_case(tmp_path, capsys, monkeypatch):
     assert "no CUDA GPU here" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU stand-in for the GPU run")
+def test_a_failing_case_is_one_line_and_the_rest_is_kept(tmp_path, capsys, monkeypatch):
+    module = bench_gpu()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    monkeypatch.setattr(module, "case_forward", broken)
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--smoke", "--json", str(out)])
+    assert module.main() == 0
+    results = json.loads(out.read_text())["results"]
+    failed = [r for r in results if "error" in r]
+    assert len(failed) == 4 and all(r["error"].startswith("RuntimeError: no kernel for this") for r in failed)
+    assert len([r for r in results if r["case"].startswith("training share")]) == 2  # later cases still ran
+    assert "forward float32 s=0.9: FAILED: RuntimeError: no kernel for this\n" in capsys.readouterr().out
+
+
 def test_gpu_checks_script_parses_and_names_its_verbs():
     script = ROOT / "scripts" / "gpu_checks.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -82,8 +82,10 @@ step over the dense step): the weight gradient, computed alike, dominates. BSR i
 GPUs, where torch multiplies BSR through its Triton kernels.
 
 Devices: CPU is what was measured. CUDA runs the same Functions with torch's CUDA kernels
-(cuSPARSE CSR; BSR through Triton or cuSPARSE as torch dispatches) - UNMEASURED, no GPU was
-available. Not implemented: 2:4 through `to_sparse_semi_structured` for `structure=nm` (its
+(cuSPARSE CSR and SDDMM; BSR through torch's Triton kernel, which it takes only for power-of-two
+block sides of at least 16 and a dense operand whose column count is a multiple of the side:
+`bsr_block` keeps other sides on CSR, `kernels.sparse_mm_t` pads the columns) - UNMEASURED, no GPU
+was available. On CUDA `probe` calls every candidate once untimed first (handles, compiles). Not implemented: 2:4 through `to_sparse_semi_structured` for `structure=nm` (its
 kernels take fp16/bf16 and have no product with the transposed weight the input gradient needs),
 refused with one line (`check`), as is `amp=true`.
 """
@@ -130,14 +132,16 @@ _ZERO_GRAD_DECAY: dict[type, Callable[[dict], dict[str, float]]] = {
 
 
 @contextlib.contextmanager
-def _one_thread():
+def _one_thread(tensor: torch.Tensor | None = None):
     """Run nnz-sized elementwise work (gathers, scatters, the compact optimizer step) on one intra-op
     thread. Measured (4096x4096 at s=0.95, 838 861 values; 2 cores shared with other work): SGD on
     the compact values 1.5 ms on one thread, 48 ms on two - each parallel region waits for a
     descheduled thread - and the parameter write-back 7 ms against 16 ms; on an idle machine two
-    threads could save well under a millisecond. Kernels (CSR products) keep the run's threads."""
+    threads could save well under a millisecond. Kernels (CSR products) keep the run's threads.
+    Work on a GPU `tensor` leaves the thread count alone (it would only change a global setting,
+    from autograd's device thread in a backward pass)."""
     threads = torch.get_num_threads()
-    if threads == 1:
+    if threads == 1 or (tensor is not None and tensor.device.type != "cpu"):
         yield
         return
     torch.set_num_threads(1)
@@ -182,9 +186,11 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def _small(index: torch.Tensor) -> torch.Tensor:
-    """int32 indices (MKL's LP64 interface converts int64 on every call) when they fit."""
-    return index.to(torch.int32) if index.numel() == 0 or int(index.max()) < 2**31 - 1 else index
+def _small(crow: torch.Tensor, col: torch.Tensor, columns: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 row pointers and column indices (MKL's LP64 interface converts int64 on every call)
+    when both fit; always one dtype for both (cuSPARSE reads the index type from the row pointers)."""
+    fits = (crow.numel() == 0 or int(crow[-1]) < 2**31 - 1) and columns < 2**31 - 1
+    return (crow.to(torch.int32), col.to(torch.int32)) if fits else (crow, col)
 
 
 class SparseIndex:
@@ -204,15 +210,15 @@ class SparseIndex:
         self.perm = torch.argsort(cols * rows_n + rows)
         crow_t = torch.zeros(cols_n + 1, dtype=torch.int64, device=mask.device)
         crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
-        self.crow, self.col = _small(crow), _small(cols)
-        self.crow_t, self.col_t = _small(crow_t), _small(rows[self.perm])
+        self.crow, self.col = _small(crow, cols, cols_n)
+        self.crow_t, self.col_t = _small(crow_t, rows[self.perm], rows_n)
         self._pattern: torch.Tensor | None = None
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow, self.col, values, self.shape)
 
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
-        with _one_thread():
+        with _one_thread(values):
             values_t = values.index_select(0, self.perm)
         return _csr(self.crow_t, self.col_t, values_t, (self.shape[1], self.shape[0]))
 
@@ -265,8 +271,8 @@ class BlockIndex(SparseIndex):
         self.perm = torch.argsort(block_cols * grid_rows + block_rows)
         crow_t = torch.zeros(grid_cols + 1, dtype=torch.int64, device=mask.device)
         crow_t[1:] = torch.bincount(block_cols, minlength=grid_cols).cumsum(0)
-        self.crow, self.col = _small(crow), _small(block_cols)
-        self.crow_t, self.col_t = _small(crow_t), _small(block_rows[self.perm])
+        self.crow, self.col = _small(crow, block_cols, grid_cols)
+        self.crow_t, self.col_t = _small(crow_t, block_rows[self.perm], grid_rows)
         self.rows_major = SparseIndex(mask)  # the same entries in row-major (CSR) order
         self.from_row_major = torch.searchsorted(self.rows_major.flat, self.flat)
         self._pattern = None
@@ -275,14 +281,26 @@ class BlockIndex(SparseIndex):
         return _bsr(self.crow, self.col, values.view(-1, self.block, self.block), self.shape)
 
     def transposed(self, values: torch.Tensor) -> torch.Tensor:
-        with _one_thread():
+        with _one_thread(values):
             blocks = values.view(-1, self.block, self.block).index_select(0, self.perm).transpose(1, 2).contiguous()
         return _bsr(self.crow_t, self.col_t, blocks, (self.shape[1], self.shape[0]))
 
     def sampled(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         values = self.rows_major.sampled(left, right)
-        with _one_thread():
+        with _one_thread(values):
             return values.index_select(0, self.from_row_major)
+
+
+def bsr_block(block: int | None, device: torch.device) -> int | None:
+    """The block side the sparse backend runs BSR with on `device`, None for CSR. torch's CUDA BSR
+    product reaches its Triton kernel only for power-of-two sides of at least 16 (others fall back
+    to a gather, a batched product and an atomic index_add_: slower, and not reproducible); MKL
+    takes any side of at least 2."""
+    if not block or block < 2:
+        return None
+    if device.type == "cuda" and (block < 16 or block & (block - 1)):
+        return None
+    return block
 
 
 def make_index(mask: torch.Tensor, fmt: str, block: int | None) -> SparseIndex:
@@ -557,7 +575,7 @@ class _Layer:
         p = self.t.param
         key = (p._version, p.data_ptr(), id(index))
         if self._values is None or key != self._values_key:
-            with _one_thread():
+            with _one_thread(p):
                 self._values = p.detach().reshape(-1).index_select(0, index.flat)
             self._values_key = key
         return self._values
@@ -583,7 +601,7 @@ class _Layer:
     # ------------------------------------------------------------ the active-values optimizer step
     @torch.no_grad()
     def step(self, optimizer: torch.optim.Optimizer, group: dict) -> bool:
-        with _one_thread():
+        with _one_thread(self.t.param):
             return self._step(optimizer, group)
 
     def _step(self, optimizer: torch.optim.Optimizer, group: dict) -> bool:
@@ -763,7 +781,7 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
             if not compact:
                 masked_update()
                 return
-            with torch.no_grad(), _one_thread():
+            with torch.no_grad(), _one_thread(weight):
                 compact_values.grad = plan.taken
                 compact_optimizer.step()
                 compact_values.grad = None
@@ -774,14 +792,18 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
     for key, plan in plans.items():
         candidates[key] = sparse_path(key[0], plan)
     timed = _timer(device)
+    if device.type == "cuda":  # first calls there pay seconds once (cuSPARSE handles, Triton compiles): not timed
+        for fn in candidates.values():
+            fn()
+        torch.cuda.synchronize(device)
     times: dict = {k: [] for k in candidates}
     started = time.perf_counter()
-    for k, fn in candidates.items():  # warm-up (allocator, MKL handles, optimizer state) and a first look
+    for k, fn in candidates.items():  # warm-up on the CPU (allocator, MKL handles, optimizer state) and a first look
         times[k].append(timed(fn))
     # Every one-call sparse product clearly slower than dense: masked, without more repeats.
-    first = min(times[fmt, None][0] for fmt in formats)
-    if first > HOPELESS * times["dense"][0]:
-        return times["dense"][0] * 1e3, first * 1e3, None, CSR
+    fastest = min(((fmt, None) for fmt in formats), key=lambda key: times[key][0])
+    if times[fastest][0] > HOPELESS * times["dense"][0]:
+        return times["dense"][0] * 1e3, times[fastest][0] * 1e3, None, fastest[0]
     for _ in range(repeats):
         if time.perf_counter() - started > PROBE_BUDGET_S:
             break
@@ -911,7 +933,7 @@ def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shap
     `measured` (`probe` with the run's optimizer class and hyper-parameters; for block masks the
     faster of CSR and BSR)."""
     structure = engine.structure
-    block = structure.block if structure.kind is StructureKind.block else None
+    block = bsr_block(structure.block if structure.kind is StructureKind.block else None, device)
     decisions: dict[str, Decision] = {}
     modules = {n: t.module for n, t in engine.tensors.items()}
     shapes = layer_inputs(engine.model, modules, input_shape) if layers_mode == MEASURED else {}
@@ -1012,6 +1034,10 @@ def _bench_factory(kernel: str):
             if block is None:
                 raise UserError("BSR training needs masks made of whole blocks (a run trained with "
                                 "distribution.structure=block)")
+            device = next(model.parameters()).device
+            if bsr_block(block, device) is None:
+                raise UserError(f"BSR training on {device.type} needs blocks of a power-of-two side of at least 16 "
+                                f"(these masks are {block}x{block} blocks)")
         names = list(masks)
         prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
                     if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]

@@ -289,9 +289,10 @@ def to_semi_structured(weight_2d: torch.Tensor, name: str = "weight") -> torch.T
     problem = semi_structured_problem(weight_2d, name)
     if problem:
         raise SparseFormatError(problem)
-    from torch.sparse import to_sparse_semi_structured
-
-    return to_sparse_semi_structured(weight_2d.detach().contiguous())
+    # The class whose shape rules semi_structured_problem checked (torch's to_sparse_semi_structured
+    # picks cuSPARSELt unless CUTLASS is forced, even where this torch has no cuSPARSELt).
+    backend, _ = _semi_structured_backend()
+    return backend.from_dense(weight_2d.detach().contiguous())
 
 
 def pack_2_4(weight_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,6 +335,13 @@ def chunk_columns(fmt: str, rows_of_operand: int, element_size: int, block: int 
 def sparse_mm_t(weight: torch.Tensor, x_t: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """W @ x_t, (out, n), for a CSR/BSR `weight` and a dense (in, n) `x_t`, `chunk` columns at a time."""
     n = x_t.shape[1]
+    if x_t.device.type != "cpu" and weight.layout == torch.sparse_bsr:
+        # torch's CUDA BSR product takes its Triton kernel only when n is a multiple of the block
+        # side (else a slower gather / index_add_ path with atomics): pad with zero columns.
+        block = weight.values().shape[-1]
+        pad = -n % block
+        if pad:
+            return torch.sparse.mm(weight, F.pad(x_t, (0, pad)))[:, :n]
     if chunk is None or n <= chunk or x_t.device.type != "cpu":
         return torch.sparse.mm(weight, x_t if x_t.is_contiguous() else x_t.contiguous())
     out = torch.empty(weight.shape[0], n, dtype=x_t.dtype, device=x_t.device)
