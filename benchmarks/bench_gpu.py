@@ -26,8 +26,9 @@ the others still run, since a GPU is lent rarely and briefly.
    float32, one layer's share of a training step under `backend=sparse` against the masked step
    (`backend.probe`, as the trainer measures it, CSR and BSR-32 on a 32x32 block mask).
 
-Timing: CUDA events around each call (perf_counter off CUDA), warm-up, candidates interleaved in
-a rotating order; speedup = median over repeats of dense time / candidate time of the same repeat.
+Timing: `sparsebench bench`'s (CUDA events around each call, perf_counter off CUDA), warm-up,
+candidates interleaved in a rotating order; speedup = median over repeats of dense time /
+candidate time of the same repeat.
 Targets (issue #10): 2:4 >= 1.3x dense (forward and training step); BSR-32 >= 1.3x at s >= 0.9.
 """
 from __future__ import annotations
@@ -36,13 +37,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsebench.bench import interleaved, paired_speedup
 from sparsebench.sparse import backend as training_backend
 from sparsebench.sparse.kernels import (
     TOLERANCE,
@@ -59,36 +60,12 @@ BSR_SIZE, BSR_BATCH, BLOCKS, SPARSITIES = 4096, 256, (16, 32, 64), (0.9, 0.95)
 TARGET = 1.3
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds one call takes: CUDA events on a GPU (the kernels' own time), else perf_counter."""
-    if device.type == "cuda":
-        def timed(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-    else:
-        def timed(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-    return timed
-
-
-def compare(functions: dict[str, Callable[[], object]], repeats: int, warmup: int, timed) -> dict[str, dict]:
-    """Each function's median ms and its median paired speedup over functions["dense"]."""
-    names = list(functions)
-    for _ in range(warmup):
-        for name in names:
-            functions[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name].append(timed(functions[name]))
-    dense = times["dense"]
-    return {name: {"ms": statistics.median(t), "speedup": statistics.median(d / s for d, s in zip(dense, t))}
+def compare(functions: dict[str, Callable[[], object]], repeats: int, warmup: int,
+            device: torch.device) -> dict[str, dict]:
+    """Each function's median ms and its median paired speedup over functions["dense"]
+    (`sparsebench bench`'s interleaved timing: CUDA events on a GPU)."""
+    times = interleaved(functions, repeats, warmup, device)
+    return {name: {"ms": statistics.median(t) * 1e3, "speedup": paired_speedup(times["dense"], t)}
             for name, t in times.items()}
 
 
@@ -132,7 +109,7 @@ class _TwoFourForward(torch.autograd.Function):
 
 
 def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device,
-             repeats: int, warmup: int, timed) -> dict:
+             repeats: int, warmup: int) -> dict:
     from torch.sparse import to_sparse_semi_structured
 
     generator = torch.Generator().manual_seed(0)
@@ -148,7 +125,7 @@ def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype,
         raise AssertionError(f"2:4 forward differs from dense: relative error {error:.2e} > {TOLERANCE[dtype]}")
     with torch.no_grad():
         forward = compare({"dense": lambda: F.linear(x, weight), "2:4": lambda: F.linear(x, compressed)},
-                          repeats, warmup, timed)
+                          repeats, warmup, device)
 
     def stepper(kind: str):
         w = weight.clone().requires_grad_()
@@ -171,7 +148,7 @@ def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype,
                     w.mul_(keep)
         return step
 
-    training = compare({kind: stepper(kind) for kind in ("dense", "masked", "2:4")}, repeats, warmup, timed)
+    training = compare({kind: stepper(kind) for kind in ("dense", "masked", "2:4")}, repeats, warmup, device)
     return {"shape": [out_features, in_features], "rows": rows, "dtype": str(dtype).replace("torch.", ""),
             "relative_error": error,
             "timings": {"forward dense": forward["dense"], "forward 2:4": forward["2:4"],
@@ -186,7 +163,7 @@ def random_mask(rows: int, cols: int, sparsity: float, block: int, generator: to
 
 
 def case_forward(size: int, batch: int, sparsity: float, dtype: torch.dtype, device: torch.device, repeats: int,
-                 warmup: int, timed) -> dict:
+                 warmup: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     dense_weight = (torch.randn(size, size, generator=generator) * size ** -0.5).to(device, dtype)
     x = torch.randn(batch, size, generator=generator).to(device, dtype)
@@ -208,7 +185,7 @@ def case_forward(size: int, batch: int, sparsity: float, dtype: torch.dtype, dev
             raise AssertionError(f"{label}: relative error {errors[label]:.2e} > {TOLERANCE[dtype]}")
         functions[label] = lambda m=module: m(x)
     with torch.no_grad():
-        timings = compare(functions, repeats, warmup, timed)
+        timings = compare(functions, repeats, warmup, device)
     return {"size": size, "batch": batch, "sparsity": sparsity, "dtype": str(dtype).replace("torch.", ""),
             "relative_errors": errors, "skipped": skipped, "timings": timings}
 
@@ -241,7 +218,6 @@ def main() -> int:
     repeats, warmup = args.repeats, args.warmup
     if args.smoke:
         shapes, rows_2_4, size, batch, repeats, warmup = [(128, 256)], [64], 128, 32, 3, 1
-    timed = timer(device)
     where = (f"{torch.cuda.get_device_name(device)} (SM {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
              if device.type == "cuda" else "CPU (smoke run: not a measurement)")
     print(f"{where}, torch {torch.__version__}, {repeats} repeats after {warmup} warm-up calls; "
@@ -260,13 +236,13 @@ def main() -> int:
                 for rows in rows_2_4:
                     label = f"2:4 {str(dtype).replace('torch.', '')} {out_features}x{in_features} rows {rows}"
                     guarded(label, results, lambda: case_2_4(out_features, in_features, rows, dtype, device, repeats,
-                                                             warmup, timed))
+                                                             warmup))
 
     print(f"== BSR and CSR forward, {size}x{size} linear, batch {batch}", flush=True)
     for dtype in (torch.float32, torch.float16):
         for sparsity in SPARSITIES:
             label = f"forward {str(dtype).replace('torch.', '')} s={sparsity}"
-            guarded(label, results, lambda: case_forward(size, batch, sparsity, dtype, device, repeats, warmup, timed))
+            guarded(label, results, lambda: case_forward(size, batch, sparsity, dtype, device, repeats, warmup))
 
     print("== one layer's share of a training step, backend=sparse against masked (float32)", flush=True)
     for sparsity in SPARSITIES:

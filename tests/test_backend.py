@@ -48,19 +48,34 @@ LAYERS = {
 }
 
 
+BLOCK_LAYERS = {  # (out, in*k) matrices made of 8x8 blocks
+    "linear": (lambda: nn.Linear(32, 24), (5, 32)),
+    "conv1d": (lambda: nn.Conv1d(4, 8, 4, padding=2, stride=2), (3, 4, 17)),
+    "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), (3, 8, 9, 7)),
+}
+
+
+def block_mask(shape: tuple[int, ...], block: int, density: float) -> torch.Tensor:
+    rows, cols = shape[0], torch.Size(shape[1:]).numel()
+    grid = torch.rand(rows // block, cols // block) < density
+    grid[0, 0] = True  # never empty
+    return grid.repeat_interleave(block, 0).repeat_interleave(block, 1).reshape(shape)
+
+
 @pytest.mark.parametrize("mode", ["compact", "scatter", "dense"])
-@pytest.mark.parametrize("kind", list(LAYERS))
-def test_function_matches_the_masked_layer(kind, mode):
-    """Output, input gradient, weight gradient (active entries; every entry in dense mode) and bias gradient."""
+@pytest.mark.parametrize("fmt,kind", [*(("csr", k) for k in LAYERS), *(("bsr", k) for k in BLOCK_LAYERS)])
+def test_function_matches_the_masked_layer(fmt, kind, mode):
+    """Output, input gradient, weight gradient (active entries; every entry in dense mode) and bias
+    gradient; CSR on random masks, BSR on 8x8 block masks (chunked products)."""
     torch.manual_seed(0)
-    make, shape = LAYERS[kind]
+    make, shape = (LAYERS if fmt == "csr" else BLOCK_LAYERS)[kind]
     module = make()
-    mask = torch.rand(module.weight.shape) < 0.3
+    mask = torch.rand(module.weight.shape) < 0.3 if fmt == "csr" else block_mask(module.weight.shape, 8, 0.4)
     with torch.no_grad():
         module.weight.mul_(mask)
-    index = sb.SparseIndex(mask)
+    index = sb.SparseIndex(mask) if fmt == "csr" else sb.BlockIndex(mask, 8)
     geometry = None if isinstance(module, nn.Linear) else sb.ConvGeometry.of(module)
-    plan = Plan(index, geometry, dense=mode == "dense", compact=mode == "compact")
+    plan = Plan(index, geometry, dense=mode == "dense", compact=mode == "compact", chunk=None if fmt == "csr" else 16)
     function = sb._SparseLinear if geometry is None else sb._SparseConv
     x = torch.randn(shape)
     xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -83,20 +98,6 @@ def test_function_matches_the_masked_layer(kind, mode):
         assert rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
     if module.bias is not None:
         assert rel_err(gs[2], gm[2]) <= TOL
-
-
-BLOCK_LAYERS = {  # (out, in*k) matrices made of 8x8 blocks
-    "linear": (lambda: nn.Linear(32, 24), (5, 32)),
-    "conv1d": (lambda: nn.Conv1d(4, 8, 4, padding=2, stride=2), (3, 4, 17)),
-    "conv2d": (lambda: nn.Conv2d(8, 16, 3, padding=1), (3, 8, 9, 7)),
-}
-
-
-def block_mask(shape: tuple[int, ...], block: int, density: float) -> torch.Tensor:
-    rows, cols = shape[0], torch.Size(shape[1:]).numel()
-    grid = torch.rand(rows // block, cols // block) < density
-    grid[0, 0] = True  # never empty
-    return grid.repeat_interleave(block, 0).repeat_interleave(block, 1).reshape(shape)
 
 
 def test_block_index_holds_the_blocks_in_block_order():
@@ -127,36 +128,6 @@ def test_bsr_block_sides_each_device_takes():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [sb.bsr_block(b, cpu) for b in (None, 1, 2, 8, 24)] == [None, None, 2, 8, 24]
     assert [sb.bsr_block(b, cuda) for b in (8, 16, 24, 32, 64)] == [None, 16, None, 32, 64]
-
-
-@pytest.mark.parametrize("mode", ["compact", "scatter", "dense"])
-@pytest.mark.parametrize("kind", list(BLOCK_LAYERS))
-def test_bsr_function_matches_the_masked_layer(kind, mode):
-    """The same Functions on BSR operands (block masks): output, input and weight gradients."""
-    torch.manual_seed(0)
-    make, shape = BLOCK_LAYERS[kind]
-    module = make()
-    mask = block_mask(module.weight.shape, 8, 0.4)
-    with torch.no_grad():
-        module.weight.mul_(mask)
-    index = sb.BlockIndex(mask, 8)
-    geometry = None if isinstance(module, nn.Linear) else sb.ConvGeometry.of(module)
-    plan = Plan(index, geometry, dense=mode == "dense", compact=mode == "compact", chunk=16)
-    function = sb._SparseLinear if geometry is None else sb._SparseConv
-    x = torch.randn(shape)
-    xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys = function.apply(xs, module.weight, module.bias, module.weight.detach().reshape(-1)[index.flat], plan)
-    ym = module(xm)
-    grad_y = torch.randn_like(ym)
-    gs = torch.autograd.grad(ys, [xs, module.weight, module.bias], grad_y, allow_unused=True)
-    gm = torch.autograd.grad(ym, [xm, module.weight, module.bias], grad_y)
-    assert rel_err(ys, ym) <= TOL and rel_err(gs[0], gm[0]) <= TOL and rel_err(gs[2], gm[2]) <= TOL
-    if mode == "dense":
-        assert rel_err(gs[1], gm[1]) <= TOL
-    elif mode == "scatter":
-        assert rel_err(gs[1], gm[1] * mask) <= TOL and bool((gs[1][~mask] == 0).all())
-    else:
-        assert gs[1] is None and rel_err(plan.taken, gm[1].reshape(-1)[index.flat]) <= TOL
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]

@@ -204,15 +204,19 @@ class SparseIndex:
         self.shape = (rows_n, cols_n)
         self.flat = mask.reshape(-1).nonzero().squeeze(1)
         self.nnz = self.flat.numel()
-        rows, cols = self.flat // cols_n, self.flat % cols_n
-        crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=mask.device)
+        self._compress(self.flat // cols_n, self.flat % cols_n, rows_n, cols_n)
+        self._pattern: torch.Tensor | None = None
+
+    def _compress(self, rows: torch.Tensor, cols: torch.Tensor, rows_n: int, cols_n: int) -> None:
+        """CSR indices of the (rows_n, cols_n) pattern of (rows, cols), given in row-major order,
+        and of its transpose with `perm` (the entries of the transpose, in its row-major order)."""
+        crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
         self.perm = torch.argsort(cols * rows_n + rows)
-        crow_t = torch.zeros(cols_n + 1, dtype=torch.int64, device=mask.device)
+        crow_t = torch.zeros(cols_n + 1, dtype=torch.int64, device=rows.device)
         crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
         self.crow, self.col = _small(crow, cols, cols_n)
         self.crow_t, self.col_t = _small(crow_t, rows[self.perm], rows_n)
-        self._pattern: torch.Tensor | None = None
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return _csr(self.crow, self.col, values, self.shape)
@@ -266,13 +270,7 @@ class BlockIndex(SparseIndex):
         self.nnz = self.flat.numel()
         if self.nnz != int(mask.sum()):
             raise ValueError(f"the mask is not made of whole {block}x{block} blocks")
-        crow = torch.zeros(grid_rows + 1, dtype=torch.int64, device=mask.device)
-        crow[1:] = torch.bincount(block_rows, minlength=grid_rows).cumsum(0)
-        self.perm = torch.argsort(block_cols * grid_rows + block_rows)
-        crow_t = torch.zeros(grid_cols + 1, dtype=torch.int64, device=mask.device)
-        crow_t[1:] = torch.bincount(block_cols, minlength=grid_cols).cumsum(0)
-        self.crow, self.col = _small(crow, block_cols, grid_cols)
-        self.crow_t, self.col_t = _small(crow_t, block_rows[self.perm], grid_rows)
+        self._compress(block_rows, block_cols, grid_rows, grid_cols)  # BSR's indices are its block grid's CSR
         self.rows_major = SparseIndex(mask)  # the same entries in row-major (CSR) order
         self.from_row_major = torch.searchsorted(self.rows_major.flat, self.flat)
         self._pattern = None
