@@ -430,19 +430,25 @@ def test_same_run_under_both_backends_gives_the_same_masks_and_metrics(method, t
 
 
 @pytest.mark.slow
-def test_decisions_are_logged_stored_and_kept_on_resume(tmp_path, monkeypatch, capsys, interrupt_at_checkpoint):
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_decisions_are_logged_stored_and_kept_on_resume(fmt, tmp_path, monkeypatch, capsys, interrupt_at_checkpoint):
     # Timing is machine noise: fixed measurements make the decisions (and this test) deterministic.
-    monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None, "csr"))
-    args = [*MLP_RUN, "epochs=3", "method=gmp", "method.frequency=10", "backend=sparse", "backend_layers=measured"]
+    monkeypatch.setattr(sb, "probe", lambda module, shape, density, batch, device, **_: (10.0, 4.0, None, fmt))
+    args = [*MLP_RUN, "epochs=3", "method=gmp", "method.frequency=10", "backend=sparse", "backend_layers=measured",
+            *(BLOCKS_16 if fmt == "bsr" else [])]
     assert cli.main([*args, f"results_root={tmp_path / 'whole'}"]) == 0
     out = capsys.readouterr().out
-    for name in ("3.weight", "5.weight"):  # final density 0.1: sparse while density <= 0.1 * 10 / 4
-        assert f"backend sparse: {name}: final density 0.1000: sparse (CSR) 4.00 ms vs masked 10.00 ms" in out
-        assert "-> sparse path while density <= 0.2500" in out
+    kernel = "BSR 16x16" if fmt == "bsr" else "CSR"
+    density = 7 / 64 if fmt == "bsr" else 0.1  # 128x128 in 16x16 blocks: 7 of 64 blocks is the count for 0.1
+    for name in ("3.weight", "5.weight"):  # sparse while density <= final density * 10 / 4
+        assert (f"backend sparse: {name}: final density {density:.4f}: sparse ({kernel}) 4.00 ms vs masked "
+                "10.00 ms") in out
+        assert f"-> sparse path while density <= {density * 2.5:.4f}" in out
     whole, final = the_run(tmp_path / "whole")
     assert final["backend"] == "sparse" and final["backend_layers"] == "measured"
     assert final["sparse_layers"] == ["3.weight", "5.weight"]
-    assert final["backend_decisions"]["3.weight"]["max_density"] == pytest.approx(0.25)
+    assert final["backend_decisions"]["3.weight"]["max_density"] == pytest.approx(density * 2.5)
+    assert final["backend_decisions"]["3.weight"]["format"] == fmt
 
     interrupt = interrupt_at_checkpoint(2)
     try:
