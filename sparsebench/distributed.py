@@ -3,7 +3,8 @@
 One run directory; rank 0 alone writes into it (config, metrics, checkpoints, model.pt,
 final.json) and holds its lock; the other ranks follow. `batch_size` stays the *global* batch:
 every rank walks the same shuffled order (a function of seed and epoch) and takes its share of
-each batch, so the run sees the same data whatever the number of processes. Each rank's loss is
+each batch, so the run sees the same data whatever the number of processes; a rank reads only
+its share from the dataset (`RankBatches`). Each rank's loss is
 scaled so that DDP's average of the ranks' gradients is the gradient of the global batch's mean
 loss, uneven last batches included (a plain average of per-rank means would weight a smaller
 shard's samples more).
@@ -22,10 +23,12 @@ NCCL is unmeasured here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Sampler
 
 from sparsebench.errors import UserError
 
@@ -49,6 +52,12 @@ class Processes:
         """This rank's contiguous share of a global batch (shares differ by at most one sample)."""
         return x.tensor_split(self.world_size)[self.rank]
 
+    def share(self, indices: list[int]) -> list[int]:
+        """The sample indices of this rank's `shard` of a global batch of `indices`."""
+        size, extra = divmod(len(indices), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return indices[start:start + size + (self.rank < extra)]
+
     def loss_scale(self, local: int, total: int) -> float:
         """Factor on a rank's mean loss so that all-reduced, averaged gradients equal the global
         batch's mean-loss gradient: (local/total) * world_size."""
@@ -56,6 +65,22 @@ class Processes:
 
 
 SINGLE = Processes()
+
+
+class RankBatches(Sampler):
+    """The sample indices one rank reads of each global batch of `batches`: its share (`share`),
+    so that no rank loads the samples of the others; and, with `trains`, nothing for the batches
+    of steps it does not train (P-GaP's replicas on other ranks). A global batch smaller than the
+    number of ranks would leave some share empty: such a batch is read whole, and the trainer
+    takes the rank's `shard` of it (a loaded batch as large as the global one is not yet shared)."""
+
+    def __init__(self, batches: Iterable[list[int]], ranks: Processes, trains: Callable[[int], bool] | None = None):
+        self.batches, self.ranks, self.trains = batches, ranks, trains
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index, batch in enumerate(self.batches):  # every global batch is drawn: the order stays the run's
+            if self.trains is None or self.trains(index):
+                yield self.ranks.share(batch) if len(batch) >= self.ranks.world_size else batch
 
 
 def from_environment(device_choice: str) -> Processes:

@@ -15,13 +15,14 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm import tqdm
 
 from sparsebench import checkpoint, distributed, dry_run, interrupts, results
@@ -155,11 +156,15 @@ def _skip_weight_init():
             setattr(torch.nn.init, n, f)
 
 
-def train_loader(run: Run, epoch: int) -> DataLoader:
-    """Shuffled by a generator seeded from (seed, epoch): a resumed epoch sees the same batches."""
+def train_loader(run: Run, epoch: int, ranks: distributed.Processes = distributed.SINGLE,
+                 trains: Callable[[int], bool] | None = None) -> DataLoader:
+    """Shuffled by a generator seeded from (seed, epoch): a resumed epoch sees the same batches.
+    With `ranks` / `trains`, this rank reads only its share of each batch, and only of the steps
+    it trains (`distributed.RankBatches`)."""
     generator = torch.Generator().manual_seed(run.cfg.run.seed * 1_000_003 + epoch)
+    batches = BatchSampler(RandomSampler(run.data.train, generator=generator), run.cfg.run.batch_size, drop_last=False)
     return DataLoader(
-        run.data.train, batch_size=run.cfg.run.batch_size, shuffle=True, generator=generator,
+        run.data.train, batch_sampler=distributed.RankBatches(batches, ranks, trains), generator=generator,
         num_workers=run.cfg.run.num_workers, pin_memory=run.device.type == "cuda",
     )
 
@@ -369,7 +374,10 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
     model.train()
     for epoch in range(state["epoch"], o.epochs):
         sums = [0.0, 0, 0]  # this epoch's training-loss sum, correct predictions, examples (this rank)
-        for x, y in train_loader(run, epoch):
+        epoch_start = state["step"]
+        batches = iter(train_loader(run, epoch, data_ranks,
+                                    (lambda i: replicas.trains(epoch_start + i)) if replicas.active else None))
+        for index in range(run.steps_per_epoch):
             ctx.step = state["step"]
             method.before_step(ctx)
             if not replicas.trains(state["step"]):  # another rank's replica: walk past its batch
@@ -377,6 +385,11 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 state["step"] += 1
                 bar.update()
                 continue
+            x, y = next(batches)  # this rank's share of the step's global batch
+            batch = min(o.batch_size, len(run.data.train) - index * o.batch_size)  # the global batch
+            if len(y) == batch:  # read whole (one process, or fewer samples than ranks): take this rank's share
+                x, y = data_ranks.shard(x), data_ranks.shard(y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             backend.begin_step(state["step"])
             lr = lr_at(
                 state["step"] - state["lr_origin"], state["lr_span"], cfg.optimizer_options.lr, cfg.schedule,
@@ -386,8 +399,6 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
             lr = method.learning_rate(state["step"], lr)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            batch = len(y)  # the global batch; each rank trains on its share
-            x, y = data_ranks.shard(x).to(device, non_blocking=True), data_ranks.shard(y).to(device, non_blocking=True)
             if exact_mars and run.optimizer.record_previous_gradients(  # the previous weights' gradient on this batch
                     model, lambda: step_objective(x, y, batch), lambda: mask_step_gradients(state["step"])):
                 state["train_flops"] += counter.train_step(engine.densities(), False) * batch  # a second pass

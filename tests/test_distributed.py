@@ -123,6 +123,50 @@ def test_loss_scale_makes_ranks_average_the_global_mean():
     assert averaged.item() == pytest.approx(x.mean().item())
 
 
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n, self.read = n, []
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return torch.tensor([float(i)]), i
+
+
+def rank_loader(dataset, ranks, trains=None, batch=4):
+    generator = torch.Generator().manual_seed(3)
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(dataset, generator=generator), batch, False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=distributed.RankBatches(batches, ranks, trains),
+                                       generator=generator)
+
+
+def test_each_rank_reads_only_its_share_of_each_batch():
+    """10 samples in batches of 4 (4, 4, 2) over 3 ranks: each rank reads its `shard` of every
+    batch and nothing else; the 2-sample batch has fewer samples than ranks and is read whole."""
+    whole = [y.tolist() for _, y in rank_loader(CountingDataset(10), distributed.SINGLE)]
+    assert sorted(sum(whole, [])) == list(range(10)) and [len(b) for b in whole] == [4, 4, 2]
+    reads = []
+    for rank in range(3):
+        ranks = distributed.Processes(rank, 3, rank)
+        dataset = CountingDataset(10)
+        got = [y.tolist() for _, y in rank_loader(dataset, ranks)]
+        for step, (batch, full) in enumerate(zip(got, whole)):
+            expected = ranks.shard(torch.tensor(full)).tolist()
+            assert (batch if step < 2 else ranks.shard(torch.tensor(batch)).tolist()) == expected
+        assert got[2] == whole[2]  # read whole: the trainer shards it
+        reads.append(len(dataset.read))
+    assert reads == [2 + 2 + 2, 1 + 1 + 2, 1 + 1 + 2]  # against 10 reads each when every rank read every batch
+
+
+def test_a_replica_rank_reads_nothing_for_the_steps_it_skips():
+    dataset = CountingDataset(10)
+    kept = [y.tolist() for _, y in rank_loader(dataset, distributed.SINGLE, trains=lambda i: i != 1)]
+    whole = [y.tolist() for _, y in rank_loader(CountingDataset(10), distributed.SINGLE)]
+    assert kept == [whole[0], whole[2]] and sorted(dataset.read) == sorted(whole[0] + whole[2])
+
+
 # P-GaP, 3 partitions; 480 training examples in batches of 128: 4 steps an epoch, 24 in all, GaP
 # steps of 3 (epochs and replica turns do not line up, so epochs span ranks and rounds).
 PGAP = ["method=gap", "method.variant=parallel", "method.kappa=3", "epochs=6", "dataset.num_samples=600",
