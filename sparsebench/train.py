@@ -169,6 +169,15 @@ def train_loader(run: Run, epoch: int, ranks: distributed.Processes = distribute
     )
 
 
+def task_loss(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over this rank's examples. A rank with none (its share of a last batch
+    smaller than the number of ranks) gets 0 instead of the mean's nan, kept on the graph so that
+    its zero gradients still join DDP's all-reduce."""
+    if len(y) == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
 @torch.no_grad()
 def evaluate(run: Run) -> tuple[float, float, float]:
     """(mean test loss, top-1 test accuracy in %, expected calibration error in %)."""
@@ -363,7 +372,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
 
     def step_objective(x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
         """The loss this rank backpropagates for a batch, for a second pass (exact MARS; amp refused)."""
-        loss = F.cross_entropy(net(x), y, label_smoothing=o.label_smoothing)
+        loss = task_loss(net(x), y, o.label_smoothing)
         return with_penalty(loss) * data_ranks.loss_scale(len(y), batch)
 
     def mask_step_gradients(step: int) -> None:
@@ -406,7 +415,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 state["train_flops_dense"] += counter.dense_train_step() * batch
             with torch.autocast(device.type, enabled=use_amp):
                 logits = net(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=o.label_smoothing)
+                loss = task_loss(logits, y, o.label_smoothing)
                 objective = with_penalty(loss)  # what is backpropagated: a non-finite penalty diverges too
             finite = bool(torch.isfinite(objective))
             if replicas.active and not finite and state["step"] < replicas.finetune_start:

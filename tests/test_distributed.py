@@ -1,6 +1,7 @@
 """Several processes for one run (torchrun, gloo on CPU): one directory, rank 0 writes, identical
 masks on every rank, the final.json contract of a single-process run, resume."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -59,6 +60,19 @@ def test_two_ranks_train_one_run_with_the_single_process_contract(tmp_path):
     assert final["steps"] == single_final["steps"]  # batch_size is the global batch
     assert final["train_flops"] == pytest.approx(single_final["train_flops"])  # counted once, not per rank
     assert single.name == run.name  # the same config: the same directory, whatever the world size
+
+
+@pytest.mark.slow
+def test_a_last_batch_smaller_than_the_ranks_trains(tmp_path):
+    """480 training examples in batches of 479: the last batch holds one example, so rank 1's
+    share is empty; its loss is 0, not nan (which stopped the run as diverged)."""
+    args = [*TINY, "batch_size=479", "epochs=2"]
+    proc = torchrun([*args, f"results_root={tmp_path / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [p.parent for p in (tmp_path / "ddp").rglob(results.FINAL_FILE)]
+    final = json.loads((run / results.FINAL_FILE).read_text())
+    assert final["status"] == "completed" and final["steps"] == 4
+    assert all(math.isfinite(m["train_loss"]) for m in results.read_jsonl(run / results.METRICS_FILE))
 
 
 @pytest.mark.slow
