@@ -47,12 +47,14 @@ Which layers (`backend_layers`):
   step)`): its share of a training step on each path (`probe`: masked = dense forward and
   backward, gradient masked, the run's optimizer class on the dense weight, weight re-masked;
   sparse = the Functions, the active-values step and its write-back; one CSR call and column
-  chunks of `kernels.chunk_columns`, the faster kept), a few interleaved repeats on synthetic
+  chunks of `kernels.chunk_columns`, and the same in BSR for block masks, the fastest kept), a
+  few interleaved repeats on synthetic
   weights drawn from a private generator (the run's RNG streams are untouched). A layer goes on
   the sparse path if sparse <= `PAYS` x masked. One line per layer is logged; the decisions are
   stored in the checkpoint (a resumed run uses the same paths and stays bit-identical) and in
   final.json (`backend`, `backend_layers`, `sparse_layers`, `backend_decisions`).
-* `all`: every prunable layer that can run sparse does (tests, benchmarks), one CSR call.
+* `all`: every prunable layer that can run sparse does (tests, benchmarks), one CSR call (BSR
+  for block masks, `bsr_block`).
 
 Rule for densities that change during training (GMP's ramp, GaP's dense partitions, AC/DC's
 phases): a chosen layer computes sparse only while 0 < density < 1 and density <= its
