@@ -1,8 +1,6 @@
 """`cigl`: the per-step random mask (keep rate, scale, the update rule W - lr Z grad L(Z W)),
 the averaged model's exact counts and recomputed BatchNorm statistics, its learning rate, and
 the CLI's refusals."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.cigl import recompute_batchnorm
 from sparsebench.sparse.masked import MaskedModel, target_nnz
+from cli_process import run_cli
 
 
 def cigl(model, options, sparsity=0.5, total_steps=100, steps_per_epoch=10, **engine_flags):
@@ -179,10 +178,6 @@ def test_swa_lr_is_constant_from_the_first_averaged_epoch():
     assert method.learning_rate(70, 0.5) == 0.01  # epoch 8: averaged at its end
     plain, _ = cigl(nn.Linear(4, 4), {"swa_start": 0.8}, total_steps=100, steps_per_epoch=10)
     assert plain.learning_rate(90, 0.5) == 0.5
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_cigl_runs_from_the_cli_with_its_averaged_model(tmp_path):

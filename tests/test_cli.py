@@ -10,15 +10,9 @@ import torch
 
 from sparsebench import cli, results
 from sparsebench.sparse.masked import target_nnz
+from cli_process import run_cli
 
 FAST = ["epochs=2", "dataset.num_samples=600", "progress=none"]
-
-
-def run_cli(*args, cwd=None):
-    """The real console entry point in a subprocess: what a user sees."""
-    return subprocess.run(
-        [sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -26,16 +26,13 @@ from sparsebench.models.dass_net import GENOTYPE_FORMAT, GENOTYPE_VERSION, read_
 from sparsebench.search import dass
 from sparsebench.search.base import STATE_FILE, SearchJob, plan_search
 from sparsebench.sparse.masked import target_nnz
+from cli_process import run_cli
 
 # A supernet of a few hundred weights and five candidates per edge (a dense conv and both kinds of
 # sparse operation among them) on 160 MNIST-1D training signals: seconds per search.
 TINY = ["method=dass", "dataset.num_samples=200", "batch_size=32", "method.channels=2", "method.nodes=2",
         "method.operations=[none,skip_connect,max_pool_3,conv_3,sparse_conv_3,sparse_linear]",
         "method.search_epochs=2", "progress=none"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, timeout=600)
 
 
 def resolved_config(overrides: list[str]) -> dict:

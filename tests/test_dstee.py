@@ -1,8 +1,6 @@
 """`dstee`: both candidate bonus forms against hand-computed scores, the per-weight activity
 count after update rounds, and the CLI."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 from sparsebench.methods import METHODS, SparsityTarget
 from sparsebench.methods.dstee import Bonus
 from sparsebench.sparse.masked import MaskedModel
+from cli_process import run_cli
 
 
 def dstee(options):
@@ -49,10 +48,6 @@ def test_counts_follow_masks_that_change_between_rounds():
     engine.set_mask("weight", new, 0.5)
     method.before_update(200)
     assert torch.equal(method.counter("weight"), mask.to(torch.int32) + new.to(torch.int32))
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_dstee_runs_from_the_cli_and_refuses_an_unknown_bonus(tmp_path):

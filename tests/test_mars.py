@@ -2,8 +2,6 @@
 vectors, its previous-gradient state reset for regrown entries, and the CLI."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from torch import nn
 
 from sparsebench.mars import MarsAdamW
 from sparsebench.sparse.masked import MaskedModel
+from cli_process import run_cli
 
 
 def hand_update(x, m, v, t, g, g_prev, lr=0.01, beta1=0.95, beta2=0.99, eps=1e-8, wd=0.0, gamma=0.5):
@@ -143,10 +142,6 @@ def test_regrown_entries_forget_the_previous_gradient():
     for key in ("last_grad", "exp_avg", "exp_avg_sq"):
         assert bool((state[key][grown] == 0).all()), key
         assert bool((state[key][mask] != 0).any()), key  # kept entries keep their state
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_mars_trains_a_sparse_run_from_the_cli(tmp_path):

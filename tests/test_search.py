@@ -21,15 +21,11 @@ from sparsebench.search import evopress
 from sparsebench.search.evopress import LevelDatabase, mutate, unique_offspring
 from sparsebench.search.job import run_search
 from sparsebench.train import build_run
+from cli_process import run_cli
 
 FAST = ["dataset.num_samples=600", "progress=none", "epochs=1"]
 EVO_FAST = ["method=evopress", "method.generations=12", "method.offspring=6", "method.survivors=[3,1]",
             "method.stage_examples=[64,200]", "method.checkpoint_every=3"]
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
 
 
 def resolved_of(overrides: list[str]) -> dict:
