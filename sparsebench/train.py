@@ -396,7 +396,7 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
                 continue
             x, y = next(batches)  # this rank's share of the step's global batch
             batch = min(o.batch_size, len(run.data.train) - index * o.batch_size)  # the global batch
-            if len(y) == batch:  # read whole (one process, or fewer samples than ranks): take this rank's share
+            if batch < data_ranks.world_size:  # RankBatches read it whole (some share would be empty)
                 x, y = data_ranks.shard(x), data_ranks.shard(y)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             backend.begin_step(state["step"])
