@@ -200,20 +200,25 @@ class SparseIndex:
     order (`flat`, the order of the values), its CSR indices, and the CSR indices of its
     transpose with `perm` (values of W^T = values[perm]). Built once per mask change."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, transpose: bool = True):
         rows_n = mask.shape[0]
         cols_n = mask.numel() // rows_n
         self.shape = (rows_n, cols_n)
         self.flat = mask.reshape(-1).nonzero().squeeze(1)
         self.nnz = self.flat.numel()
-        self._compress(self.flat // cols_n, self.flat % cols_n, rows_n, cols_n)
+        self._compress(self.flat // cols_n, self.flat % cols_n, rows_n, cols_n, transpose)
         self._pattern: torch.Tensor | None = None
 
-    def _compress(self, rows: torch.Tensor, cols: torch.Tensor, rows_n: int, cols_n: int) -> None:
+    def _compress(self, rows: torch.Tensor, cols: torch.Tensor, rows_n: int, cols_n: int,
+                  transpose: bool = True) -> None:
         """CSR indices of the (rows_n, cols_n) pattern of (rows, cols), given in row-major order,
-        and of its transpose with `perm` (the entries of the transpose, in its row-major order)."""
+        and (`transpose`) of its transpose with `perm` (the entries of the transpose, in its
+        row-major order)."""
         crow = torch.zeros(rows_n + 1, dtype=torch.int64, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
+        if not transpose:
+            self.crow, self.col = _small(crow, cols, cols_n)
+            return
         self.perm = torch.argsort(cols * rows_n + rows)
         crow_t = torch.zeros(cols_n + 1, dtype=torch.int64, device=rows.device)
         crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
@@ -273,7 +278,8 @@ class BlockIndex(SparseIndex):
         if self.nnz != int(mask.sum()):
             raise ValueError(f"the mask is not made of whole {block}x{block} blocks")
         self._compress(block_rows, block_cols, grid_rows, grid_cols)  # BSR's indices are its block grid's CSR
-        self.rows_major = SparseIndex(mask)  # the same entries in row-major (CSR) order
+        # the same entries in row-major (CSR) order, for the sampled weight gradient only
+        self.rows_major = SparseIndex(mask, transpose=False)
         self.from_row_major = torch.searchsorted(self.rows_major.flat, self.flat)
         self._pattern = None
 
