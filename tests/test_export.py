@@ -43,16 +43,37 @@ FORMATS = [("csr", None), ("bsr", 16), ("bsr", 8)]
 # ---------------------------------------------------------------------------- modules
 @pytest.mark.parametrize("fmt,block", FORMATS)
 @pytest.mark.parametrize("chunk", [None, 16])
-def test_linear_matches_dense(fmt, block, chunk):
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_dense(fmt, block, chunk, bias):
     torch.manual_seed(0)
-    dense = masked_(nn.Linear(64, 48), block=block or 1)
+    dense = masked_(nn.Linear(64, 48, bias=bias), block=block or 1)
     sparse = SparseLinear.from_dense(dense, fmt, block)
     if chunk:
         sparse.chunk = chunk  # force the chunked product on a small layer
-    for x in (torch.randn(100, 64), torch.randn(1, 64), torch.randn(3, 5, 64)):
+    # the last input is a transposed view, as a sparse layer's output is: its x^T needs no copy
+    for x in (torch.randn(100, 64), torch.randn(1, 64), torch.randn(3, 5, 64), torch.randn(64, 100).t()):
         assert relative_error(sparse(x), dense(x)) <= TOL
     assert sparse.weight.layout == {"csr": torch.sparse_csr, "bsr": torch.sparse_bsr}[fmt]
     assert sparse.weight.crow_indices().dtype == torch.int32
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_copy_is_the_transpose_exactly(threads):
+    """Tiles or not (one thread), ragged edges, strided inputs: always m.t().contiguous(), bit for bit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for shape in [(256, 512), (100, 37), (16, 16), (33, 17), (5, 300), (300, 5), (1, 64), (64, 1)]:
+            m = torch.randn(*shape, generator=g)
+            copy = kernels.transposed_copy(m)
+            assert copy.is_contiguous() and torch.equal(copy, m.t().contiguous()), shape
+        strided = torch.randn(40, 64, generator=g)[:, ::2]
+        assert torch.equal(kernels.transposed_copy(strided), strided.t().contiguous())
+        already = torch.randn(64, 48, generator=g).t()  # its transpose is contiguous: no copy
+        assert kernels.transposed_copy(already).data_ptr() == already.data_ptr()
+    finally:
+        torch.set_num_threads(previous)
 
 
 CONV_SETTINGS = [

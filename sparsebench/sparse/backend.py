@@ -107,7 +107,7 @@ from torch import nn
 
 from sparsebench.errors import UserError
 from sparsebench.sparse.flops import probe_forward
-from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t
+from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t, transposed_copy
 from sparsebench.sparse.masked import MaskedModel, PrunableTensor
 from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
 
@@ -356,10 +356,8 @@ def _weight_grad(plan, left: torch.Tensor, right: torch.Tensor, weight: torch.Te
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, plan):
-        x_t = x.reshape(-1, x.shape[-1]).t().contiguous()  # (in, n): no copy after a sparse layer
-        y_t = sparse_mm_t(plan.index.matrix(values), x_t, plan.chunk)  # (out, n)
-        if bias is not None:
-            y_t.add_(bias.unsqueeze(1))
+        x_t = transposed_copy(x.reshape(-1, x.shape[-1]))  # (in, n): no copy after a sparse layer
+        y_t = sparse_mm_t(plan.index.matrix(values), x_t, plan.chunk, bias)  # (out, n)
         ctx.save_for_backward(x_t, values)
         ctx.plan, ctx.weight_meta = plan, weight.detach()
         ctx.has_bias, ctx.input_shape = bias is not None, x.shape
@@ -369,7 +367,7 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x_t, values = ctx.saved_tensors
         plan = ctx.plan
-        g_t = grad_y.reshape(-1, grad_y.shape[-1]).t().contiguous()  # (out, n): no copy before a sparse layer
+        g_t = transposed_copy(grad_y.reshape(-1, grad_y.shape[-1]))  # (out, n): no copy before a sparse layer
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = sparse_mm_t(plan.index.transposed(values), g_t, plan.chunk).t().reshape(ctx.input_shape)
