@@ -12,7 +12,7 @@ from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_ste
 from sparsebench.methods.svd import Decomposition, FinetuneRegularizers, Regularizer
 from sparsebench.models import create_model
 from sparsebench.sparse.low_rank import (
-    LowRank, apply_low_rank, choose_ranks, factors, hoyer_penalty, kept_parameters, l1_penalty, matrix_shape,
+    LowRank, apply_low_rank, choose_ranks, factors, hoyer_penalty, hoyer_square_penalty, kept_parameters, l1_penalty, matrix_shape,
     orthogonality_penalty, ranks_for_energy, cumulative_energy, to_matrix,
 )
 from sparsebench.sparse.masked import MaskedModel
@@ -88,6 +88,15 @@ def test_l1_and_hoyer_by_hand():
     assert hoyer_penalty(s).item() == pytest.approx(7 / 5)
     assert hoyer_penalty(torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)  # one value: its minimum
     assert hoyer_penalty(torch.zeros(3)).item() == 0.0
+    assert hoyer_square_penalty(s).item() == pytest.approx(49 / 25)
+    assert hoyer_square_penalty(torch.tensor([2.0, 0.0])).item() == pytest.approx(1.0)
+    assert hoyer_square_penalty(torch.ones(4)).item() == pytest.approx(4.0)  # all equal: its maximum, len(s)
+    assert hoyer_square_penalty(torch.zeros(3)).item() == 0.0
+    # its gradient is 2 H(s) times Hoyer's
+    a, b = s.clone().requires_grad_(), s.clone().requires_grad_()
+    hoyer_square_penalty(a).backward()
+    hoyer_penalty(b).backward()
+    assert torch.allclose(a.grad, 2 * (7 / 5) * b.grad)
 
 
 # ------------------------------------------------------------------------------ the rank cut
@@ -204,10 +213,14 @@ def test_cut_clears_the_optimizer_state_of_removed_singular_values():
             assert torch.all(loop.optimizer.state[param]["momentum_buffer"][entries] == 0)
 
 
-def test_loss_term_adds_both_penalties_then_as_finetune_regularizers_says():
-    loop = Loop(lambda_orthogonality=0.5, lambda_sparsity=0.2, regularizer=Regularizer.l1)
+@pytest.mark.parametrize("regularizer, by_hand", [
+    (Regularizer.l1, lambda s: s.abs().sum()),
+    (Regularizer.hoyer_square, lambda s: s.abs().sum() ** 2 / (s ** 2).sum()),
+])
+def test_loss_term_adds_both_penalties_then_as_finetune_regularizers_says(regularizer, by_hand):
+    loop = Loop(lambda_orthogonality=0.5, lambda_sparsity=0.2, regularizer=regularizer)
     loop.run(3)
-    expected = sum(0.5 * orthogonality_penalty(U, V) + 0.2 * s.abs().sum()
+    expected = sum(0.5 * orthogonality_penalty(U, V) + 0.2 * by_hand(s)
                    for U, s, V in (factors(m) for m in loop.method.layers.values()))
     assert loop.method.loss_term().item() == pytest.approx(expected.item(), rel=1e-6)
     loop.run(30, start=3)  # past the cut: the orthogonality of the kept vectors alone
@@ -329,7 +342,7 @@ def test_killed_run_resumes_after_the_cut_to_the_same_result(tmp_path, interrupt
     ("method.lambda_sparsity=-0.1", "method.lambda_sparsity=-0.1: expected a weight >= 0"),
     ("method.lambda_orthogonality=-1", "method.lambda_orthogonality=-1.0: expected a weight >= 0"),
     ("method.cut=1.0", "method.cut=1.0: expected a fraction of training in (0, 1)"),
-    ("method.regularizer=l2", "method.regularizer='l2': expected one of l1, hoyer"),
+    ("method.regularizer=l2", "method.regularizer='l2': expected one of l1, hoyer, hoyer_square"),
     ("method.decomposition=tucker", "method.decomposition='tucker': expected one of channel, spatial"),
     ("distribution=erk", "distribution=erk: method svd allocates ranks by one energy threshold"),
     ("powerprop=2", "method=svd with powerprop: SVD training keeps each layer as U diag(s) V^T"),

@@ -7,7 +7,8 @@ R = min(m, n) and initialised from the SVD of the layer's initial weight, so tra
 the same function as every other method. The training loss adds (`loss_term`)
 
     lambda_orthogonality * sum_l (||U_l^T U_l - I||_F^2 + ||V_l^T V_l - I||_F^2) / r_l^2
-  + lambda_sparsity      * sum_l L1 ||s_l||_1  or  Hoyer ||s_l||_1 / ||s_l||_2   (`regularizer`)
+  + lambda_sparsity      * sum_l L1 ||s_l||_1, Hoyer ||s_l||_1 / ||s_l||_2
+                           or Hoyer-Square ||s_l||_1^2 / ||s_l||_2^2          (`regularizer`)
 
 which keeps U and V near orthonormal (so s stays the layer's spectrum) and concentrates the
 spectrum on few singular values. At step `cut` x total steps the singular values are cut: each
@@ -32,8 +33,9 @@ authors' code, yanghr/SVD_Prune_EDLCV, was read for what it does):
 * after the cut (`finetune_regularizers`): `orthogonality` (default) keeps the orthogonality term
   and drops the sparsity term, as the authors' fine-tuning commands do (perp_weight 1.0, decay 0,
   reg_type None); `none` drops both, `both` keeps both. Over kept columns only.
-* Hoyer is ||s||_1/||s||_2 (the code subtracts a constant 1, which changes no gradient); the
-  code's third option, Hoyer-Square, is not offered.
+* Hoyer is ||s||_1/||s||_2 and Hoyer-Square its square (the code subtracts a constant 1 from
+  each, which changes no gradient); all three of the code's options are offered, Hoyer-Square
+  untuned here (lambda_sparsity was chosen for Hoyer).
 * defaults: lambda_orthogonality = 1 (the code's perp_weight in every command); lambda_sparsity
   and the regulariser were chosen on the default run (docs/methods.md); the code uses 1e-4 to 0.3.
 * initialisation from the SVD of the usual initial weights (the code trains from scratch with
@@ -71,6 +73,7 @@ from sparsebench.sparse.masked import reset_optimizer_state
 class Regularizer(enum.Enum):
     l1 = "l1"  # ||s||_1
     hoyer = "hoyer"  # ||s||_1 / ||s||_2
+    hoyer_square = "hoyer_square"  # ||s||_1^2 / ||s||_2^2
 
 
 class Decomposition(enum.Enum):

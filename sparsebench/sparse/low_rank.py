@@ -118,7 +118,14 @@ def hoyer_penalty(s: torch.Tensor) -> torch.Tensor:
     return s.abs().sum() / s.norm().clamp_min(torch.finfo(s.dtype).tiny)
 
 
-SPARSITY_PENALTIES = {"l1": l1_penalty, "hoyer": hoyer_penalty}
+def hoyer_square_penalty(s: torch.Tensor) -> torch.Tensor:
+    """||s||_1^2 / ||s||_2^2, the square of the Hoyer ratio (between 1 and len(s)), as in the
+    authors' code (yanghr/SVD_Prune_EDLCV, Regularization.py, which subtracts a constant 1). Its
+    gradient is 2 H(s) times Hoyer's, so it pushes hardest while s is still spread out. 0 for s = 0."""
+    return s.abs().sum() ** 2 / (s * s).sum().clamp_min(torch.finfo(s.dtype).tiny)
+
+
+SPARSITY_PENALTIES = {"l1": l1_penalty, "hoyer": hoyer_penalty, "hoyer_square": hoyer_square_penalty}
 
 
 # ---------------------------------------------------------------------------- the rank cut
