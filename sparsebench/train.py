@@ -470,7 +470,8 @@ def _train_locked(run: Run, path: Path, processes: distributed.Processes) -> Non
         results.atomic_torch_save(path / f"{name}.pt", artifact)
     final = _summary(run, state, "completed")
     final.update(state["last_eval"])  # from the checkpoint if killed between it and final.json
-    final.update(inference_flops=counter.forward(method.parameter_densities() or engine.densities()),
+    final.update(inference_flops=counter.forward(method.inference_flop_densities(run.data.input_shape)
+                                                 or engine.densities()),
                  inference_flops_dense=counter.dense_forward,
                  world_size=processes.world_size, provenance=origin, **method.summary())
     results.atomic_write_json(path / results.FINAL_FILE, final)  # last: its presence means done

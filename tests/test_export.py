@@ -69,7 +69,10 @@ def test_transposed_copy_is_the_transpose_exactly(threads):
             copy = kernels.transposed_copy(m)
             assert copy.is_contiguous() and torch.equal(copy, m.t().contiguous()), shape
         strided = torch.randn(40, 64, generator=g)[:, ::2]
-        assert torch.equal(kernels.transposed_copy(strided), strided.t().contiguous())
+        sliced = torch.randn(50, 100, generator=g)[3:, 5:69]  # rows further apart than they are long
+        expanded = torch.randn(1, 64, generator=g).expand(48, 64)  # a row stride of 0 (a broadcast gradient)
+        for m in (strided, sliced, expanded):
+            assert torch.equal(kernels.transposed_copy(m), m.t().contiguous())
         already = torch.randn(64, 48, generator=g).t()  # its transpose is contiguous: no copy
         assert kernels.transposed_copy(already).data_ptr() == already.data_ptr()
     finally:

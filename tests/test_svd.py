@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from sparsebench import cli
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
 from sparsebench.methods.svd import Decomposition, FinetuneRegularizers, Regularizer
 from sparsebench.models import create_model
+from sparsebench.sparse.flops import layer_forward_flops
 from sparsebench.sparse.low_rank import (
     LowRank, apply_low_rank, choose_ranks, factors, hoyer_penalty, hoyer_square_penalty, kept_parameters, l1_penalty, matrix_shape,
     orthogonality_penalty, ranks_for_energy, cumulative_energy, to_matrix,
@@ -246,6 +248,40 @@ def test_conv_layers_cut_spatially_keep_their_rank():
     for name, module in loop.method.layers.items():
         rank = int(torch.linalg.matrix_rank(to_matrix(module.weight.detach(), "spatial")))
         assert rank == loop.method.ranks()[name] < 12
+
+
+def test_inference_flops_of_spatial_factors_are_what_the_two_convolutions_cost():
+    """Spatially decomposed, each layer runs as a 1 x kw convolution (V) over every input row and a
+    kh x 1 one (U) with the layer's stride and padding: built from the trained factors, the two
+    give the layer's output, and torch's FLOP counter charges them what `inference_flop_densities`
+    says, on a strided and an unpadded layer (where r(m + n) per output position undercounts)."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3))
+    loop = Loop(model=model, sparsity=0.6, decomposition=Decomposition.spatial)
+    loop.x, loop.y = torch.randn(16, 2, 8, 8), torch.randint(0, 3, (16,))
+    assert loop.method.inference_flop_densities((2, 8, 8)) == {"2.weight": 1.0, "4.weight": 1.0}  # before the cut
+    loop.run(40)
+    densities = loop.method.inference_flop_densities((2, 8, 8))
+    parameters = loop.method.parameter_densities()
+    dense_flops = layer_forward_flops(model, (2, 8, 8))
+    inputs = {"2.weight": model[1](model[0](torch.randn(1, 2, 8, 8)))}
+    inputs["4.weight"] = model[3](model[2](inputs["2.weight"]))
+    for name, x in inputs.items():
+        conv = loop.method.layers[name]
+        out_channels, in_channels, kh, kw = conv.weight.shape
+        U, s, V = (t.detach() for t in factors(conv))
+        keep = loop.method.rank_masks[name]
+        U, s, V = U[:, keep], s[keep], V[:, keep]
+        rank = int(keep.sum())
+        v_weight = V.T.reshape(rank, in_channels, 1, kw)
+        u_weight = (U * s).reshape(out_channels, kh, rank).permute(0, 2, 1).unsqueeze(-1)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            middle = nn.functional.conv2d(x, v_weight, stride=(1, conv.stride[1]), padding=(0, conv.padding[1]))
+            y = nn.functional.conv2d(middle, u_weight, conv.bias.detach(), stride=(conv.stride[0], 1),
+                                     padding=(conv.padding[0], 0))
+        assert torch.allclose(y, conv(x).detach(), atol=1e-5)
+        assert counter.get_total_flops() == pytest.approx(densities[name] * dense_flops[name], rel=1e-9)
+        assert densities[name] > parameters[name]  # the V factor's extra rows
 
 
 def test_method_state_resumes_the_cut():

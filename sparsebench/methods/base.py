@@ -207,6 +207,13 @@ class SparsityMethod:
         layer_densities and inference FLOPs follow it."""
         return None
 
+    def inference_flop_densities(self, input_shape: tuple[int, ...]) -> dict[str, float] | None:
+        """Per prunable tensor, the fraction of its dense forward FLOPs that the trained model
+        costs at inference (final.json's inference_flops), for inputs of `input_shape`; None: the
+        masks' non-zeros say it. Default: `parameter_densities`, right when every kept parameter
+        is used once per output position."""
+        return self.parameter_densities()
+
     def artifacts(self) -> dict[str, dict]:
         """Extra state_dicts to save beside model.pt as <name>.pt (AC/DC's paired dense model)."""
         return {}

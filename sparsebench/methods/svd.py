@@ -47,9 +47,9 @@ The layers are computed as dense weights from U, s, V on every step, so a step c
 model's FLOPs (the engine's masks stay all ones; `densities_at` says so to dry runs) plus forming
 each W and the penalties, forward and backward (`step_flops_overhead`: independent of the batch,
 1.17x a dense step in all on the default model at batch 128, far more on wide layers at small
-batches); only inference FLOPs count the low-rank form, r(m + n) per output position, which
-undercounts a spatially decomposed strided convolution (its first factor runs at the stride of
-one axis only). Grouped convolutions are refused. Needs distribution=uniform (its dense_first / dense_last /
+batches); only inference FLOPs count the low-rank form: r(m + n) per output position, and for a spatially
+decomposed convolution the V factor's extra rows where the layer is strided or unpadded
+(`inference_flop_densities`). Grouped convolutions are refused. Needs distribution=uniform (its dense_first / dense_last /
 dense_layers choose the layers; ranks are allocated by the energy threshold, not per layer),
 unstructured sparsity, powerprop=1 and backend=masked.
 """
@@ -63,6 +63,7 @@ import torch
 
 from sparsebench.errors import UserError
 from sparsebench.methods.base import METHODS, SparsityMethod, StepContext
+from sparsebench.sparse.flops import layer_shapes
 from sparsebench.sparse.low_rank import (
     SPARSITY_PENALTIES, apply_low_rank, choose_ranks, factors, kept_parameters, matrix_shape, orthogonality_penalty,
     top_rank_mask,
@@ -251,6 +252,27 @@ class SVDTraining(SparsityMethod):
 
     def parameter_densities(self) -> dict[str, float]:
         return {n: kept / (self.shapes[n][0] * self.shapes[n][1]) for n, kept in self.kept_params().items()}
+
+    def inference_flop_densities(self, input_shape: tuple[int, ...]) -> dict[str, float]:
+        """A rank-r layer as two convolutions. Channel-wise, both run at the layer's output
+        positions: r(m + n) per position, the parameter density. Spatial-wise, the V factor (a
+        1 x kw convolution, or 1 x 1 for a 1-D kernel) runs over every input row of the first
+        spatial axis, the U factor (kh x 1, with the layer's stride and padding there) at the
+        output positions: r(n H_in / H_out + m) per output position, more than the parameter
+        density for a strided or unpadded layer. Full rank (before the cut), or factors that
+        would cost more than the dense layer: the dense layer."""
+        densities = self.parameter_densities()
+        if not self.cut_done or self.options.decomposition is Decomposition.channel:
+            return densities
+        convs = {n: module for n, module in self.layers.items() if not isinstance(module, torch.nn.Linear)}
+        shapes = layer_shapes(self.engine.model, convs, input_shape)
+        ranks = self.ranks()
+        for name in convs:
+            (_, *input_spatial), (_, *output_spatial) = shapes[name]
+            m, n = self.shapes[name]
+            rows = input_spatial[0] / output_spatial[0]
+            densities[name] = min(1.0, ranks[name] * (n * rows + m) / (m * n))
+        return densities
 
     def summary(self) -> dict:
         kept, ranks = self.kept_params(), self.ranks()

@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsebench.errors import UserError
-from sparsebench.sparse.flops import probe_forward
+from sparsebench.sparse.flops import layer_inputs
 from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t, transposed_copy
 from sparsebench.sparse.masked import MaskedModel, PrunableTensor
 from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
@@ -816,20 +816,6 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
     median = {k: statistics.median(v[1:] or v) * 1e3 for k, v in times.items()}
     fmt, chunk = min(plans, key=lambda key: median[key])
     return median["dense"], median[fmt, chunk], chunk, fmt
-
-
-def layer_inputs(model: nn.Module, modules: Mapping[str, nn.Module],
-                 input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-example input shape of each named module: one eval-mode forward of a zero example."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(module, args) -> None:  # returns None: the input is left as it is
-            shapes.setdefault(name, tuple(args[0].shape[1:]))
-        return hook
-
-    probe_forward(model, input_shape, [m.register_forward_pre_hook(record(n)) for n, m in modules.items()])
-    return shapes
 
 
 def compact_steps(optimizer: torch.optim.Optimizer | None, amp: bool) -> bool:

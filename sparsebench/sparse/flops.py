@@ -64,6 +64,27 @@ def probe_forward(model: nn.Module, input_shape: tuple[int, ...], hooks: list) -
             h.remove()
 
 
+def layer_inputs(model: nn.Module, modules: Mapping[str, nn.Module],
+                 input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-example input shape of each named module: one eval-mode forward of a zero example."""
+    return {name: shapes[0] for name, shapes in layer_shapes(model, modules, input_shape).items()}
+
+
+def layer_shapes(model: nn.Module, modules: Mapping[str, nn.Module],
+                 input_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per-example (input shape, output shape) of each named module, from one eval-mode forward
+    of a zero example (the first call of a module that runs twice)."""
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:  # returns None: the output is left as it is
+            shapes.setdefault(name, (tuple(args[0].shape[1:]), tuple(output.shape[1:])))
+        return hook
+
+    probe_forward(model, input_shape, [m.register_forward_hook(record(n)) for n, m in modules.items()])
+    return shapes
+
+
 class FlopCounter:
     """Turns per-layer densities into per-example training-step FLOPs."""
 
