@@ -153,6 +153,7 @@ class RunOptions:
     batch_size: int = 128
     eval_batch_size: int = 1000
     label_smoothing: float = 0.0
+    ece_bins: int = 15  # bins of the test-set expected calibration error (train.expected_calibration_error)
     device: Device = Device.auto
     amp: bool = False
     num_workers: int = 0
@@ -322,7 +323,7 @@ def check_seed(seed: Any) -> int:
 
 def _check_run(run: RunOptions) -> None:
     _require(0.0 <= run.sparsity < 1.0, f"sparsity={run.sparsity}: expected a fraction of zeros in [0, 1)")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
+    for key in ("epochs", "batch_size", "eval_batch_size", "ece_bins"):
         _require(getattr(run, key) >= 1, f"{key}={getattr(run, key)}: expected a positive integer")
     check_seed(run.seed)
     _require(run.num_workers >= 0, f"num_workers={run.num_workers}: expected a non-negative integer")

@@ -48,7 +48,7 @@ SEARCH_DIRECTORY_METHODS = ("dass", "evopress")
 # behaviour: at that value they stay out of the hash, so adding such a key never moves the
 # directories of existing runs (they are still found, skipped or resumed). A new key whose
 # neutral value gives the old results belongs here.
-HASH_NEUTRAL = {"backend": "masked"}
+HASH_NEUTRAL = {"backend": "masked", "ece_bins": 15}
 # Keys that only matter together with another one: left out while it has its neutral value.
 HASH_DEPENDENT = {"backend_layers": "backend"}
 

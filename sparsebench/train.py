@@ -194,12 +194,14 @@ def evaluate(run: Run) -> tuple[float, float, float]:
         hits.append((prediction == y).cpu())
     model.train()
     confidence, hit = torch.cat(confidences), torch.cat(hits)
-    return loss_sum / len(hit), 100.0 * hit.float().mean().item(), 100.0 * expected_calibration_error(confidence, hit)
+    ece = expected_calibration_error(confidence, hit, run.cfg.run.ece_bins)
+    return loss_sum / len(hit), 100.0 * hit.float().mean().item(), 100.0 * ece
 
 
 def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
-    """ECE (Guo et al. 2017, eq. 3): sum_b |B_b|/n |acc(B_b) - conf(B_b)| over 15 equal-width
-    confidence bins, the metric CigL (Lei et al. 2023) compares sparse methods on."""
+    """ECE (Guo et al. 2017, eq. 3): sum_b |B_b|/n |acc(B_b) - conf(B_b)| over `bins` equal-width
+    confidence bins (`ece_bins`: 15 as Guo et al.; CigL's code, whose paper compares sparse
+    methods on this metric, uses 10)."""
     edges = torch.linspace(0, 1, bins + 1)
     bin_of = torch.bucketize(confidence, edges[1:-1], right=True)  # bin b holds (edge_b, edge_b+1]
     ece = 0.0

@@ -1,14 +1,17 @@
 """Metrics every method gets: ECE, ITOP rate, the mask-update log, and the dry-run plan."""
 import json
+import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from sparsebench import cli, results
 from sparsebench.sparse.masked import MaskedModel
-from sparsebench.train import expected_calibration_error
+from sparsebench.train import evaluate, expected_calibration_error
 
 
 def test_ece_matches_hand_computation():
@@ -17,6 +20,28 @@ def test_ece_matches_hand_computation():
     correct = torch.tensor([True, False, True, True])
     assert expected_calibration_error(confidence, correct) == pytest.approx(0.4)
     assert expected_calibration_error(torch.tensor([1.0, 1.0]), torch.tensor([True, True])) == pytest.approx(0.0)
+
+
+def test_ece_bins_split_what_fewer_bins_pool():
+    # 15 bins: 0.62 and 0.68 fall in (0.600, 0.667] and (0.667, 0.733]: 0.38/2 + 0.68/2 = 0.53;
+    # 10 bins: both in (0.6, 0.7], accuracy 1/2 against confidence 0.65: 0.15
+    confidence, correct = torch.tensor([0.62, 0.68]), torch.tensor([True, False])
+    assert expected_calibration_error(confidence, correct, 15) == pytest.approx(0.53)
+    assert expected_calibration_error(confidence, correct, 10) == pytest.approx(0.15)
+
+
+def test_ece_bins_reach_the_evaluation_and_the_default_keeps_old_directories():
+    base = {"method": "gmp", "seed": 0, "sparsity": 0.9}
+    assert results.config_hash({**base, "ece_bins": 15}) == results.config_hash(base)  # runs from before the key
+    assert results.config_hash({**base, "ece_bins": 10}) != results.config_hash(base)
+    # the trainer's evaluation on fixed logits: softmax confidences 0.62 and 0.68, as above
+    logits = torch.tensor([[math.log(0.62), math.log(0.38)], [math.log(0.32), math.log(0.68)]])
+    data = SimpleNamespace(test=TensorDataset(logits, torch.tensor([0, 0])))
+    for bins, expected in ((15, 0.53), (10, 0.15)):
+        options = SimpleNamespace(eval_batch_size=1000, num_workers=0, ece_bins=bins)
+        run = SimpleNamespace(model=nn.Identity(), data=data, cfg=SimpleNamespace(run=options), device="cpu")
+        _, accuracy, ece = evaluate(run)
+        assert accuracy == 50.0 and ece == pytest.approx(100 * expected)
 
 
 def test_itop_rate_counts_every_entry_ever_active():

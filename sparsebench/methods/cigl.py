@@ -35,7 +35,8 @@ where we differ or could not verify:
 * The code keeps its raw weights beside the model and moves values between them with factors
   (p - 1)/p and p/(p - 1) in several places; we implement the update rule above as the paper
   writes it.
-* The code measures ECE with 10 bins, sparsebench with 15 (train.expected_calibration_error).
+* The code measures ECE with 10 bins, sparsebench with 15 by default: `ece_bins=10` for the
+  code's (train.expected_calibration_error).
 * Z covers every conv and linear weight, as the code's does (its masking covers every layer but
   biases and BatchNorm), including those sparsebench keeps dense (`dense_first`, `dense_last`);
   `random_mask_dense_layers=false` restricts it to the sparse tensors.
