@@ -41,7 +41,7 @@ commands:
                       sparsebench search method=evopress sparsity=0.9
                       sparsebench search -m method=random_search sparsity=0.5,0.75,0.9 seed=0,1,2
   report PATH         tables and plots from a results tree
-  status PATH | [-m] OVERRIDES
+  status PATH | [search] [-m] OVERRIDES
                       which runs are done, running, resumable or missing (trains nothing)
   export RUN_DIR --format csr|bsr|semi_structured [--block N] [--out PATH]
                       a finished run's model as real torch sparse tensors

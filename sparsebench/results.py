@@ -42,6 +42,7 @@ NON_SEMANTIC_DATASET_KEYS = ("data_dir", "download")
 # model, so reports keep them out of the accuracy tables. Named here, not imported from the
 # search registry, so that reading a results tree never imports torch (a test keeps them equal).
 SEARCH_DIRECTORY_METHODS = ("dass", "evopress")
+SEARCH_STATE_FILE = "search_state.pt"  # a search's checkpoint of its own work (search/base.py)
 
 
 # Keys added after results were first published, with the value that reproduces the earlier

@@ -17,7 +17,7 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
-from sparsebench import cli, results
+from sparsebench import cli, results, sweep_status
 from sparsebench.data import load_dataset as real_load_dataset
 from sparsebench.errors import UserError
 from sparsebench.models import create_model
@@ -55,7 +55,10 @@ def genotype_file(tmp_path: Path, normal=None, reduce=None, **changes) -> Path:
 # ------------------------------------------------------------------------------ the search end to end
 @pytest.mark.slow
 def test_search_through_the_cli_is_deterministic_and_retrains_what_it_found(tmp_path):
-    first = run_cli("search", *TINY, "method.retrain=[gmp]", "epochs=1", f"results_root={tmp_path / 'a'}")
+    overrides = [*TINY, "method.retrain=[gmp]", "epochs=1", f"results_root={tmp_path / 'a'}"]
+    (own, later) = sweep_status.planned_runs(overrides, search=True)  # `status search`: before the search
+    assert later == sweep_status.AfterSearch(own, ("gmp",)) and sweep_status.run_state(own)[0] == "missing"
+    first = run_cli("search", *overrides)
     assert first.returncode == 0, first.stderr
     second = run_cli("search", *TINY, f"results_root={tmp_path / 'b'}")
     assert second.returncode == 0, second.stderr
@@ -81,6 +84,7 @@ def test_search_through_the_cli_is_deterministic_and_retrains_what_it_found(tmp_
     trained = json.loads((arm / results.FINAL_FILE).read_text())
     assert trained["status"] == "completed" and arm.parts[-4] == "dass"
     assert 0.85 < trained["actual_sparsity"] <= 0.9  # 2-channel layers: each keeps N - floor(0.9 N) weights
+    assert sweep_status.planned_runs(overrides, search=True) == [own, arm] and own == a  # once searched: all known
     # The retrain names the genotype's content, so a changed file is refused rather than reused.
     retrain_model = yaml.safe_load((arm / results.CONFIG_FILE).read_text())["model"]
     assert retrain_model["genotype_sha256"] == dass_net.genotype_digest(str(a / dass.GENOTYPE_FILE))

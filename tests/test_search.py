@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsebench import cli, results
+from sparsebench import cli, results, sweep_status
 from sparsebench.config import validate
 from sparsebench.methods.node_masks import RandomNodes
 from sparsebench.search import evopress
@@ -259,6 +259,9 @@ def test_random_nodes_is_candidate_zero_of_random_search():
 @pytest.mark.slow
 def test_random_search_trains_the_searched_the_control_and_the_parent(tmp_path):
     args = ["search", "method=random_search", "method.candidates=3", "sparsity=0.75", *FAST, f"results_root={tmp_path}"]
+    planned = sweep_status.planned_runs(args[1:], search=True)  # `status search`: the three runs, none yet
+    assert [p.parts[-3] for p in planned] == ["random_search", "random_nodes", "dense"]
+    assert all(sweep_status.run_state(p)[0] == "missing" for p in planned)
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     finals = {p.parent.parent.parent.name: json.loads(p.read_text()) for p in tmp_path.rglob(results.FINAL_FILE)}
@@ -269,6 +272,7 @@ def test_random_search_trains_the_searched_the_control_and_the_parent(tmp_path):
     assert finals["random_search"]["sparsity"] == finals["random_nodes"]["sparsity"] == 0.75
     assert finals["random_search"]["actual_sparsity"] == finals["random_nodes"]["actual_sparsity"] > 0.75
     assert finals["dense"]["actual_sparsity"] == 0.0
+    assert set(planned) == {p.parent for p in tmp_path.rglob(results.FINAL_FILE)}  # the planned directories
     again = run_cli(*args)  # deterministic, and every arm is skipped as done
     assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 3
     report = run_cli("report", str(tmp_path))

@@ -49,3 +49,23 @@ def test_status_errors_are_one_line(tmp_path, capsys):
     assert sweep_status.main(["-m", "sparsty=0.9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "is not a directory" in err[0] and "unknown key 'sparsty'" in err[1]
+
+
+def test_status_of_a_planned_search(tmp_path, capsys):
+    root = f"results_root={tmp_path}"
+    # EvoPress runs only as a search: planned as one with or without the word: its dense model, then itself
+    for args in (["-m", "method=evopress", root], ["search", "-m", "method=evopress", root]):
+        assert sweep_status.main(args) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[1].split("/")[-3] for line in lines[:-1]] == ["dense", "evopress"]
+        assert lines[-1] == "2 runs: 2 missing; a relaunch trains 2, resumes 0 and skips 0"
+    dense, search = sweep_status.planned_runs(["method=evopress", root], search=True)
+    search.mkdir(parents=True)
+    (search / results.SEARCH_STATE_FILE).write_bytes(b"")  # a killed search's saved state
+    assert sweep_status.run_state(search) == ("resumable", "search state saved")
+    # a training method is not a search: one line, exit 2
+    assert sweep_status.main(["search", "method=gmp", root]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sparsebench status: error: method=gmp is not a search; train method=gmp with `sparsebench train`; "
+        "`sparsebench search` runs method=dass|evopress|random_search")
+    assert not dense.exists()

@@ -32,7 +32,7 @@ from sparsebench.errors import UserError
 from sparsebench.registry import Registry
 
 SEARCHES: Registry[type["Search"]] = Registry("search")
-STATE_FILE = "search_state.pt"  # the checkpoint of a search's own work (weights-only types)
+STATE_FILE = results.SEARCH_STATE_FILE  # the checkpoint of a search's own work (weights-only types)
 
 
 def arm_config(resolved: dict, method: str, **changes: Any) -> dict:
