@@ -325,6 +325,7 @@ def _check_run(run: RunOptions) -> None:
     _require(0.0 <= run.sparsity < 1.0, f"sparsity={run.sparsity}: expected a fraction of zeros in [0, 1)")
     for key in ("epochs", "batch_size", "eval_batch_size", "ece_bins"):
         _require(getattr(run, key) >= 1, f"{key}={getattr(run, key)}: expected a positive integer")
+    _require(run.ece_bins <= 1000, f"ece_bins={run.ece_bins}: expected at most 1000 bins")
     check_seed(run.seed)
     _require(run.num_workers >= 0, f"num_workers={run.num_workers}: expected a non-negative integer")
     _require(run.powerprop >= 1.0, f"powerprop={run.powerprop}: expected alpha >= 1 (1 turns Powerpropagation off)")

@@ -120,6 +120,10 @@ def _job_runs(resolved: dict, search: bool) -> list[Path | AfterSearch]:
         return [results.run_dir(resolved)]
     from sparsebench.search import plan_search  # one line for a method that is not a search
 
+    # EvoPress checks its options on the model, which reads the dataset's shape: never download
+    # for that (`download` is not part of a run's directory name)
+    if isinstance(resolved.get("dataset"), dict):
+        resolved = {**resolved, "dataset": {**resolved["dataset"], "download": False}}
     plan = plan_search(resolved)
     runs: list[Path | AfterSearch] = [results.run_dir(arm) for _, arm in plan.arms_before]
     after = plan.search.arms_after()
@@ -132,12 +136,13 @@ def _job_runs(resolved: dict, search: bool) -> list[Path | AfterSearch]:
 
 
 def main(args: list[str]) -> int:
+    # `search` plans a search sweep, unless it is the one argument and a results tree of that name
+    search = bool(args) and args[0] == "search" and not (len(args) == 1 and Path("search").is_dir())
+    if search:
+        args = args[1:]
     if not args or args[0] in ("-h", "--help"):
         print(__doc__.strip().splitlines()[0] + "\n\nusage: sparsebench status PATH | sparsebench status [search] [-m] OVERRIDES")
         return 0 if args else 2
-    search = args[0] == "search"
-    if search:
-        args = args[1:]
     try:
         if not search and len(args) == 1 and "=" not in args[0] and not args[0].startswith("-"):
             root = Path(args[0])

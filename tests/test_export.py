@@ -119,6 +119,11 @@ def test_backward_csr_works_bsr_refused_in_one_line_on_cpu():
     x = torch.randn(4, 32, requires_grad=True)
     SparseLinear.from_dense(linear, "csr")(x).sum().backward()
     assert torch.allclose(x.grad, linear.weight.sum(0).expand(4, 32), atol=1e-5)
+    chunked = SparseLinear.from_dense(linear, "csr")
+    chunked.chunk = 16  # more columns than a chunk: the chunked product has no autograd, one call has
+    wide = torch.randn(100, 32, requires_grad=True)
+    chunked(wide).sum().backward()
+    assert torch.allclose(wide.grad, linear.weight.sum(0).expand(100, 32), atol=1e-5)
     bsr = SparseLinear.from_dense(linear, "bsr", 16)
     with pytest.raises(SparseFormatError, match="BSR backward") as error:
         bsr(x)

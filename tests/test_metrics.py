@@ -44,6 +44,13 @@ def test_ece_bins_reach_the_evaluation_and_the_default_keeps_old_directories():
         assert accuracy == 50.0 and ece == pytest.approx(100 * expected)
 
 
+@pytest.mark.parametrize("bins, message", [("0", "ece_bins=0: expected a positive integer"),
+                                           ("5000", "ece_bins=5000: expected at most 1000 bins")])
+def test_bad_ece_bins_are_one_line_and_write_nothing(tmp_path, capsys, bins, message):
+    assert cli.main(["train", f"ece_bins={bins}", f"results_root={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip().endswith(message) and not any(tmp_path.iterdir())
+
+
 def test_itop_rate_counts_every_entry_ever_active():
     engine = MaskedModel(nn.Sequential(nn.Linear(4, 4, bias=False)))
     first = torch.zeros(4, 4, dtype=torch.bool)

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparsebench import cli
 from sparsebench.methods import METHODS, SparsityTarget, StepContext, finish_step
-from sparsebench.methods.svd import Decomposition, FinetuneRegularizers, Regularizer
+from sparsebench.methods.svd import Decomposition, FinetuneRegularizers, Regularizer, rows_read
 from sparsebench.models import create_model
 from sparsebench.sparse.flops import layer_forward_flops
 from sparsebench.sparse.low_rank import (
@@ -282,6 +282,23 @@ def test_inference_flops_of_spatial_factors_are_what_the_two_convolutions_cost()
         assert torch.allclose(y, conv(x).detach(), atol=1e-5)
         assert counter.get_total_flops() == pytest.approx(densities[name] * dense_flops[name], rel=1e-9)
         assert densities[name] > parameters[name]  # the V factor's extra rows
+
+
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(1, 1, 1, stride=2), 8),  # a 1x1 downsampling shortcut: every other row
+    (nn.Conv2d(1, 1, 3, stride=2, padding=1), 8),
+    (nn.Conv2d(1, 1, 3), 6),
+    (nn.Conv1d(1, 1, 5, stride=2, dilation=2, padding=3), 40),  # odd positions only
+    (nn.Conv1d(1, 1, 3, padding="same", dilation=2), 19),
+])
+def test_rows_read_are_the_rows_whose_input_gradient_is_not_zero(conv, size):
+    x = torch.zeros(1, 1, *([size] * (conv.weight.dim() - 2)), requires_grad=True)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    y = conv(x)
+    y.sum().backward()
+    touched = x.grad.reshape(size, -1).ne(0).any(1).sum().item() if x.dim() == 4 else x.grad.ne(0).sum().item()
+    assert rows_read(conv, size, y.shape[2]) == touched
 
 
 def test_method_state_resumes_the_cut():

@@ -69,3 +69,12 @@ def test_status_of_a_planned_search(tmp_path, capsys):
         "sparsebench status: error: method=gmp is not a search; train method=gmp with `sparsebench train`; "
         "`sparsebench search` runs method=dass|evopress|random_search")
     assert not dense.exists()
+
+
+def test_a_results_tree_named_search_is_still_a_tree(tmp_path, capsys, monkeypatch):
+    (tmp_path / "search").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert sweep_status.main(["search"]) == 0
+    assert capsys.readouterr().out.strip() == "0 runs: none; a relaunch trains 0, resumes 0 and skips 0"
+    assert sweep_status.main(["search", "--help"]) == 0
+    assert "usage: sparsebench status" in capsys.readouterr().out

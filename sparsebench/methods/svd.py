@@ -48,8 +48,8 @@ model's FLOPs (the engine's masks stay all ones; `densities_at` says so to dry r
 each W and the penalties, forward and backward (`step_flops_overhead`: independent of the batch,
 1.17x a dense step in all on the default model at batch 128, far more on wide layers at small
 batches); only inference FLOPs count the low-rank form: r(m + n) per output position, and for a spatially
-decomposed convolution the V factor's extra rows where the layer is strided or unpadded
-(`inference_flop_densities`). Grouped convolutions are refused. Needs distribution=uniform (its dense_first / dense_last /
+decomposed convolution the V factor's extra rows where the U factor reads more input rows than it
+outputs (`inference_flop_densities`). Grouped convolutions are refused. Needs distribution=uniform (its dense_first / dense_last /
 dense_layers choose the layers; ranks are allocated by the energy threshold, not per layer),
 unstructured sparsity, powerprop=1 and backend=masked.
 """
@@ -96,6 +96,19 @@ class SVDOptions:
     decomposition: Decomposition = Decomposition.channel
     cut: float = 0.5  # fraction of training after which singular values are cut; the rest fine-tunes
     finetune_regularizers: FinetuneRegularizers = FinetuneRegularizers.orthogonality
+
+
+def rows_read(conv: torch.nn.Module, size_in: int, size_out: int) -> int:
+    """How many of the `size_in` input positions along a convolution's first spatial axis some
+    output's kernel window reads (stride, dilation and padding there; zero padding is not read)."""
+    kernel, stride, dilation = conv.kernel_size[0], conv.stride[0], conv.dilation[0]
+    if conv.padding == "same":  # torch pads (kernel - 1) * dilation in all, the smaller half first
+        pad = dilation * (kernel - 1) // 2
+    elif conv.padding == "valid":
+        pad = 0
+    else:
+        pad = conv.padding[0]
+    return len({o * stride - pad + i * dilation for o in range(size_out) for i in range(kernel)} & set(range(size_in)))
 
 
 @METHODS.register("svd")
@@ -257,20 +270,24 @@ class SVDTraining(SparsityMethod):
         """A rank-r layer as two convolutions. Channel-wise, both run at the layer's output
         positions: r(m + n) per position, the parameter density. Spatial-wise, the V factor (a
         1 x kw convolution, or 1 x 1 for a 1-D kernel) runs over every input row of the first
-        spatial axis, the U factor (kh x 1, with the layer's stride and padding there) at the
-        output positions: r(n H_in / H_out + m) per output position, more than the parameter
-        density for a strided or unpadded layer. Full rank (before the cut), or factors that
-        would cost more than the dense layer: the dense layer."""
+        spatial axis that the U factor (kh x 1, with the layer's stride, padding and dilation
+        there) reads, U at the output positions: r(n H_read / H_out + m) per output position,
+        more than the parameter density where U's windows read more rows than there are output
+        rows (a strided layer with kh > 1, an unpadded one). Full rank (before the cut), factors
+        that would cost more than the dense layer, or a layer the probe forward does not reach:
+        the parameter density."""
         densities = self.parameter_densities()
         if not self.cut_done or self.options.decomposition is Decomposition.channel:
             return densities
         convs = {n: module for n, module in self.layers.items() if not isinstance(module, torch.nn.Linear)}
         shapes = layer_shapes(self.engine.model, convs, input_shape)
         ranks = self.ranks()
-        for name in convs:
+        for name, module in convs.items():
+            if name not in shapes:
+                continue
             (_, *input_spatial), (_, *output_spatial) = shapes[name]
             m, n = self.shapes[name]
-            rows = input_spatial[0] / output_spatial[0]
+            rows = rows_read(module, input_spatial[0], output_spatial[0]) / output_spatial[0]
             densities[name] = min(1.0, ranks[name] * (n * rows + m) / (m * n))
         return densities
 

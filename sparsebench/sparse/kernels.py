@@ -383,7 +383,10 @@ def sparse_mm_t(weight: torch.Tensor, x_t: torch.Tensor, chunk: int | None,
         if pad:
             y_t = torch.sparse.mm(weight, F.pad(x_t, (0, pad)))[:, :n]
             return y_t if bias is None else y_t.add_(bias.unsqueeze(1))
-    if chunk is None or n <= chunk or x_t.device.type != "cpu":
+    # out= products have no autograd: a product that needs a gradient is one call
+    differentiable = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (weight, x_t, bias))
+    if chunk is None or n <= chunk or x_t.device.type != "cpu" or differentiable:
         operand = x_t if x_t.is_contiguous() else transposed_copy(x_t.t())
         if bias is None:
             return torch.sparse.mm(weight, operand)
