@@ -187,9 +187,10 @@ def _is_number(value) -> bool:
 def create_run_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        # a probe of its own: two launches of one config probe the same directory at once, and
+        # with one shared name the first one's unlink made the second fail
+        with tempfile.TemporaryFile(dir=path, prefix=".write_test."):
+            pass
     except OSError as exc:
         reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror
         raise UserError(f"results_root: cannot write run directory {path} ({reason})") from None

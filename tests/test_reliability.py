@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from sparsebench import cli, report, results
+from sparsebench.errors import UserError
 
 TINY = ["epochs=5", "dataset.num_samples=400", "batch_size=64", "progress=none"]
 COMPARED = ("test_acc", "best_test_acc", "test_loss", "ece", "actual_sparsity", "itop_rate", "train_flops",
@@ -95,6 +97,27 @@ def test_sigkill_at_random_points_resumes_to_identical_result(method, tmp_path):
     killed = the_run(root)
     assert_same_result(the_run(tmp_path / "whole"), killed)
     assert not list(killed.glob(".*.tmp")) and not (killed / results.CHECKPOINT_FILE).exists()
+
+
+def test_processes_probing_one_run_directory_at_once_all_succeed(tmp_path):
+    """Each launch checks that it can write the run directory; concurrent checks (two launches of
+    one config) must not trip over each other's probe file."""
+    errors = []
+
+    def probe_repeatedly():
+        for _ in range(300):
+            try:
+                results.create_run_dir(tmp_path / "run")
+            except UserError as exc:
+                errors.append(str(exc))
+                return
+
+    threads = [threading.Thread(target=probe_repeatedly) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and list((tmp_path / "run").iterdir()) == []  # and no probe left behind
 
 
 @pytest.mark.slow
