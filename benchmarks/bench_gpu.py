@@ -14,12 +14,11 @@ the others still run, since a GPU is lent rarely and briefly.
    4096 input rows:
    * forward: F.linear(x, W as 2:4) against F.linear(x, W);
    * a training step of the layer (forward, backward, SGD with momentum, gradient and weight
-     masked as the engine does) whose forward is the 2:4 product of the weight compressed afresh
-     after every update (the re-sparsification torch's semi-structured training examples do)
-     and whose backward is dense: torch's 2:4 tensors have no product with the transposed
-     weight the input gradient needs (W^T is not 2:4). This is the most a 2:4 training path
-     could gain; sparsebench's trainer does not have one (`backend=sparse` refuses
-     `structure=nm`), and this figure is what decides whether to build it.
+     masked as the engine does) on `backend=sparse`'s 2:4 path (`two_four.forward`): the
+     forward is the 2:4 product of the weight compressed afresh after every update (the
+     re-sparsification torch's semi-structured training examples do), the backward is dense
+     (W^T of a row-wise 2:4 mask is not 2:4, and torch's 2:4 tensors multiply only by
+     themselves).
 2. BSR (16, 32, 64: torch's CUDA BSR product, Triton where torch dispatches to it) and CSR
    (cuSPARSE) against dense for a 4096x4096 linear at batch 256, s = 0.9 and 0.95 (block masks
    for BSR, uniformly random for CSR), float32 and float16: the forward (`SparseLinear`), and,
@@ -45,6 +44,7 @@ from torch import nn
 
 from sparsebench.bench import interleaved, paired_speedup
 from sparsebench.sparse import backend as training_backend
+from sparsebench.sparse import two_four
 from sparsebench.sparse.kernels import (
     TOLERANCE,
     SparseLinear,
@@ -94,24 +94,8 @@ def prune_2_4(weight: torch.Tensor) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-class _TwoFourForward(torch.autograd.Function):
-    """y = x W^T through the 2:4 copy of W; both gradients through the dense (masked) W."""
-
-    @staticmethod
-    def forward(ctx, x, weight, compressed):
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, compressed)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        return grad_y @ weight, grad_y.t() @ x, None
-
-
 def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype, device: torch.device,
              repeats: int, warmup: int) -> dict:
-    from torch.sparse import to_sparse_semi_structured
-
     generator = torch.Generator().manual_seed(0)
     weight = (torch.randn(out_features, in_features, generator=generator) * in_features ** -0.5).to(device, dtype)
     mask = prune_2_4(weight)
@@ -131,12 +115,13 @@ def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype,
         w = weight.clone().requires_grad_()
         xs = x.clone().requires_grad_()
         optimizer = torch.optim.SGD([w], lr=1e-3, momentum=0.9)
+        compressed_weight = two_four.CompressedWeight()
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             xs.grad = None
-            if kind == "2:4":
-                y = _TwoFourForward.apply(xs, w, to_sparse_semi_structured(w.detach()))
+            if kind == "2:4":  # backend=sparse's 2:4 path: re-compressed because w changed at the last step
+                y = two_four.forward(xs, w, None, w, compressed_weight, None)
             else:
                 y = F.linear(xs, w)
             y.backward(grad_y)

@@ -18,7 +18,7 @@
 # benchmarks/bench_gpu.py (2:4 forward and training step, BSR/CSR forward, the sparse backend's
 # per-layer step share); benchmarks/bench_training_step.py on CUDA (masked and sparse steps against
 # dense, unstructured and 32x32 block masks); end-to-end runs: AMP, backend=sparse (CSR and BSR),
-# a 2:4 run exported as semi_structured and benched, and a torchrun run over NCCL (one rank: NCCL
+# a 2:4 run exported as semi_structured and benched, the same run trained on backend=sparse's 2:4 path, and a torchrun run over NCCL (one rank: NCCL
 # wants a GPU per rank and the machine has one).
 #
 # GPU_CHECKS_DEVICE=cpu scripts/gpu_checks.sh run  runs the same plumbing on the CPU (toy kernel
@@ -61,7 +61,7 @@ run_checks() {
     {
         check environment 20 bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0), \"cusparselt\", torch.backends.cusparselt.is_available())"'
         check tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_export.py tests/test_backend.py \
-            -k "cuda or semi_structured"
+            tests/test_two_four.py -k "cuda or semi_structured"
         check kernels 90 python3 benchmarks/bench_gpu.py $smoke --json "$OUT/gpu_kernels.json"
         check training_steps 90 bash -c "python3 benchmarks/bench_training_step.py --device $device --repeats 7 &&
             python3 benchmarks/bench_training_step.py --device $device --cases mlp-0.95 --block 32 --repeats 7"
@@ -70,7 +70,8 @@ run_checks() {
             $sb train backend=sparse method=gmp distribution.structure=block distribution.block=32 results_root=$runs/bsr ${mlp[*]@Q}"
         check semi_structured 45 bash -c "$sb train method=gmp distribution.structure=nm sparsity=0.5 results_root=$runs/nm ${mlp[*]@Q} &&
             run=\$(dirname \$(find $runs/nm -name final.json | head -1)) &&
-            $sb export \$run --format semi_structured && $sb bench \$run --device $device --repeats 9"
+            $sb export \$run --format semi_structured && $sb bench \$run --device $device --repeats 9 &&
+            $sb train backend=sparse amp=true method=gmp distribution.structure=nm sparsity=0.5 results_root=$runs/nm_sparse ${mlp[*]@Q}"
         check nccl 30 torchrun --standalone --nproc_per_node=1 -m sparsebench train method=rigl \
             results_root=$runs/nccl "${mlp[@]}"
         echo "=== summary"

@@ -152,7 +152,6 @@ def test_averaged_model_is_the_masked_mean_of_epoch_end_snapshots_with_exact_cou
         nonzero = int(t.param.count_nonzero())
         assert nonzero == int(t.mask.sum()) == target_nnz(t.numel, 0.25), name
     # BatchNorm statistics: one cumulative pass over the epoch's batches with the averaged weights
-    bn = nn.BatchNorm1d(16)
     fc1 = nn.Linear(6, 16)
     fc1.load_state_dict(model.fc1.state_dict())
     with torch.no_grad():

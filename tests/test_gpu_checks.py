@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,23 +17,6 @@ def bench_gpu():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def test_the_2_4_training_function_gives_the_dense_gradients():
-    """Its forward takes any weight operand (the 2:4 copy on a GPU, the dense weight here); both
-    gradients come from the dense weight, as a dense layer's would."""
-    module = bench_gpu()
-    torch.manual_seed(0)
-    weight = torch.randn(8, 16)
-    weight.mul_(module.prune_2_4(weight))
-    assert int((weight != 0).reshape(8, 4, 4).sum(-1).max()) == 2
-    x = torch.randn(5, 16)
-    xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    xd, wd = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    grad_y = torch.randn(5, 8)
-    module._TwoFourForward.apply(xs, ws, weight).backward(grad_y)
-    F.linear(xd, wd).backward(grad_y)
-    assert torch.allclose(xs.grad, xd.grad, atol=1e-6) and torch.allclose(ws.grad, wd.grad, atol=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke run is the CPU stand-in for the GPU run")

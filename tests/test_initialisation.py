@@ -1,11 +1,10 @@
 """sparse_init: the default model and the sparsity-aware rescaling of initial weights."""
-import json
 
 import pytest
 import torch
 from torch import nn
 
-from sparsebench import cli, results
+from sparsebench import cli
 from sparsebench.sparse.initialisation import SparseInit, rescale_for_sparsity
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import apply_powerprop

@@ -87,9 +87,13 @@ Devices: CPU is what was measured. CUDA runs the same Functions with torch's CUD
 (cuSPARSE CSR and SDDMM; BSR through torch's Triton kernel, which it takes only for power-of-two
 block sides of at least 16 and a dense operand whose column count is a multiple of the side:
 `bsr_block` keeps other sides on CSR, `kernels.sparse_mm_t` pads the columns) - UNMEASURED, no GPU
-was available. On CUDA `probe` calls every candidate once untimed first (handles, compiles). Not implemented: 2:4 through `to_sparse_semi_structured` for `structure=nm` (its
-kernels take fp16/bf16 and have no product with the transposed weight the input gradient needs),
-refused with one line (`check`), as is `amp=true`.
+was available. On CUDA `probe` calls every candidate once untimed first (handles, compiles).
+
+N:M masks (`distribution.structure=nm`, CUDA, `amp=true`): chosen Linear layers compute their
+16-bit training forward with torch's 2:4 kernels and their gradients dense (two_four.py, where
+the reasons are); `measured` times it per layer (`probe_two_four`), `all` takes every Linear
+whose shape torch's 2:4 kernels accept. Convolutions, and AMP with CSR/BSR, are refused or kept
+masked with one line. UNMEASURED on a GPU.
 """
 from __future__ import annotations
 
@@ -107,7 +111,14 @@ from torch import nn
 
 from sparsebench.errors import UserError
 from sparsebench.sparse.flops import layer_inputs
-from sparsebench.sparse.kernels import chunk_columns, sparse_mm_t, transposed_copy
+from sparsebench.sparse import two_four
+from sparsebench.sparse.kernels import (
+    chunk_columns,
+    semi_structured_device_problem,
+    semi_structured_weight_problem,
+    sparse_mm_t,
+    transposed_copy,
+)
 from sparsebench.sparse.masked import MaskedModel, PrunableTensor
 from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
 
@@ -164,21 +175,24 @@ def check(cfg) -> None:
         raise UserError(f"backend=sparse with method={cfg.method}: the method changes each step beyond the mask "
                         "and the sparse training kernels do not implement that; use backend=masked")
     cuda = cfg.run.device.value != "cpu" and torch.cuda.is_available()
-    if cfg.run.amp and cuda:
-        raise UserError("backend=sparse with amp=true: the sparse training kernels run in float32 only "
-                        "(mixed precision through them is not implemented); use amp=false or backend=masked")
-    structure = cfg.distribution_options.structure
-    if structure is StructureKind.nm:
+    d = cfg.distribution_options
+    if d.structure is StructureKind.nm:
         if not cuda:
             raise UserError(
                 "backend=sparse with distribution.structure=nm: 2:4 sparse kernels need CUDA "
                 "(torch.sparse.to_sparse_semi_structured, compute capability 8.0+) and this run is on the CPU; "
                 "use backend=masked"
             )
-        raise UserError(
-            "backend=sparse with distribution.structure=nm: the 2:4 training path "
-            "(to_sparse_semi_structured) is not implemented yet; use backend=masked"
-        )
+        problem = two_four.nm_problem(d.n, d.m) or semi_structured_device_problem(torch.device("cuda"))
+        if problem:
+            raise UserError(f"backend=sparse with distribution.structure=nm: {problem}; use backend=masked")
+        if not cfg.run.amp:
+            raise UserError("backend=sparse with distribution.structure=nm trains through 16-bit 2:4 kernels: "
+                            "set amp=true (float16 autocast), or use backend=masked")
+    elif cfg.run.amp and cuda:
+        raise UserError("backend=sparse with amp=true: the CSR/BSR training kernels run in float32 only "
+                        "(mixed precision through them is not implemented; the 2:4 path of "
+                        "distribution.structure=nm is 16-bit); use amp=false or backend=masked")
 
 
 # ---------------------------------------------------------------------------- the sparse index
@@ -512,12 +526,12 @@ class Decision:
     sparse_ms: float | None = None  # measured step share (forward, backward, update) at the final density
     dense_ms: float | None = None  # the same on the masked path
     reason: str = ""
-    format: str = CSR  # the kernel: "csr", or "bsr" for block masks (`block` x `block`)
+    format: str = CSR  # the kernel: "csr", "bsr" for block masks (`block` x `block`), "semi_structured" (2:4)
     block: int | None = None
 
     def line(self, name: str) -> str:
         if self.sparse_ms is not None and self.dense_ms is not None:
-            kernel = f"BSR {self.block}x{self.block}" if self.format == BSR else "CSR"
+            kernel = {BSR: f"BSR {self.block}x{self.block}", two_four.TWO_FOUR: "2:4"}.get(self.format, "CSR")
             timing = (f"final density {self.final_density:.4f}: sparse ({kernel}) {self.sparse_ms:.2f} ms vs masked "
                       f"{self.dense_ms:.2f} ms per step ({self.sparse_ms / self.dense_ms:.2f}x"
                       f"{', chunks of ' + str(self.chunk) if self.chunk else ''})")
@@ -535,8 +549,10 @@ class _Layer:
         self.name, self.t, self.module, self.decision = name, tensor, tensor.module, decision
         self.geometry = None if isinstance(self.module, nn.Linear) else ConvGeometry.of(self.module)
         self.chunk = decision.chunk
-        # Compact gradients need the parameter to be the weight (not Powerprop's v).
-        self.grad = _Grad(compact=compact_ok and tensor.powerprop is None)
+        self.two_four = two_four.CompressedWeight() if decision.format == two_four.TWO_FOUR else None
+        # Compact gradients need the parameter to be the weight (not Powerprop's v); the 2:4 path
+        # hands back dense gradients (two_four.py).
+        self.grad = _Grad(compact=compact_ok and tensor.powerprop is None and self.two_four is None)
         self.index: SparseIndex | None = None
         self._mask_key: tuple | None = None
         self._values: torch.Tensor | None = None  # the compact parameter values (the shadow optimizer's param)
@@ -587,6 +603,9 @@ class _Layer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.on_sparse_path():
             return self._dense_forward(x)
+        if self.two_four is not None:
+            return two_four.forward(x, self.module.weight, self.module.bias, self.t.param, self.two_four,
+                                    self._dense_forward)
         self.refresh_index()
         if self.index.nnz == 0:
             return self._dense_forward(x)
@@ -818,6 +837,56 @@ def probe(module: nn.Module, input_shape: tuple[int, ...], density: float, batch
     return median["dense"], median[fmt, chunk], chunk, fmt
 
 
+def probe_two_four(module: nn.Module, input_shape: tuple[int, ...], batch: int, device: torch.device,
+                   optimizer: torch.optim.Optimizer | None = None,
+                   repeats: int = PROBE_REPEATS) -> tuple[float, float]:
+    """(masked ms, 2:4 ms): one Linear layer's share of a training step under autocast (the dtype
+    autocast uses on `device`), on a batch of `batch` inputs of `input_shape`, with a random 2:4
+    mask: masked = autocast F.linear forward and backward; 2:4 = `two_four.TwoFourLinear` with the
+    weight compressed afresh (it changes every step); both then mask the gradient, step the
+    optimizer on the dense weight and re-mask it, as the trainer does. Synthetic weights from a
+    private generator, interleaved repeats, medians."""
+    generator = torch.Generator().manual_seed(0)
+    shape = tuple(module.weight.shape)
+    scores = torch.rand(shape, generator=generator)
+    mask = SparsityStructure(StructureKind.nm, 2, 4).topk(scores, 0.5).to(device)
+    keep = mask.float()
+    weight = (torch.randn(shape, generator=generator).to(device) * keep).requires_grad_()
+    x = torch.randn((batch, *input_shape), generator=generator).to(device).requires_grad_()
+    dtype = torch.get_autocast_dtype(device.type)
+    grad_y = torch.randn((batch, *input_shape[:-1], shape[0]), generator=generator).to(device, dtype)
+    weights = two_four.CompressedWeight()
+    updates = _optimizer_like(optimizer, [weight])
+
+    def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def go():
+            x.grad = weight.grad = None
+            with torch.autocast(device.type, dtype=dtype):
+                y = forward()
+            y.backward(grad_y)
+            with torch.no_grad():
+                weight.grad.mul_(keep)
+                updates.step()
+                weight.mul_(keep)
+        return go
+
+    candidates = {
+        "masked": step(lambda: F.linear(x, weight)),
+        two_four.TWO_FOUR: step(lambda: two_four.forward(x, weight, None, weight, weights, None)),
+    }
+    timed = _timer(device)
+    for fn in candidates.values():  # untimed first calls: cuSPARSELt handles, autocast caches
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    started = time.perf_counter()
+    for i in range(repeats):
+        if i and time.perf_counter() - started > PROBE_BUDGET_S:
+            break
+        for k, fn in candidates.items():
+            times[k].append(timed(fn))
+    return (statistics.median(times["masked"]) * 1e3, statistics.median(times[two_four.TWO_FOUR]) * 1e3)
+
+
 def compact_steps(optimizer: torch.optim.Optimizer | None, amp: bool) -> bool:
     """Whether active-values optimizer steps can stand in for `optimizer`'s: an elementwise torch
     optimizer whose masked-entry decay is known, and no gradient scaler between backward and
@@ -875,7 +944,7 @@ class SparseBackend:
             layer.pending = layer.pending_index = None
             layer.grad.dense = self._step_dense
             sparse_now = layer.on_sparse_path()
-            if sparse_now:
+            if sparse_now and layer.two_four is None:
                 layer.refresh_index()  # a mask change since the last step settles the old index
             if self._step_dense or not sparse_now:
                 layer.settle()  # the torch optimizer steps this layer's dense state this step
@@ -916,28 +985,44 @@ def _skip_apply_masks(engine: MaskedModel, names: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------- deciding
+def _two_four_problem(module: nn.Module, structure: SparsityStructure) -> str | None:
+    """Why a layer of an N:M run cannot take the 2:4 path (None: it can)."""
+    if not isinstance(module, nn.Linear):
+        return "the 2:4 path takes Linear layers only (a convolution keeps its dense kernel)"
+    return two_four.nm_problem(structure.n, structure.m) or semi_structured_weight_problem(
+        torch.zeros(module.weight.shape), "weight", check_dtype=False)
+
+
 def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shape: tuple[int, ...],
            batch: int, device: torch.device, layers_mode: str, optimizer: torch.optim.Optimizer | None = None,
            amp: bool = False) -> dict[str, Decision]:
-    """Each prunable layer's path: `all` (every layer that can; BSR for block masks) or
-    `measured` (`probe` with the run's optimizer class and hyper-parameters; for block masks the
-    faster of CSR and BSR)."""
+    """Each prunable layer's path: `all` (every layer that can; BSR for block masks, 2:4 for N:M
+    masks) or `measured` (`probe` with the run's optimizer class and hyper-parameters; for block
+    masks the faster of CSR and BSR; for N:M masks `probe_two_four`)."""
     structure = engine.structure
+    nm = structure.kind is StructureKind.nm
     block = bsr_block(structure.block if structure.kind is StructureKind.block else None, device)
     decisions: dict[str, Decision] = {}
     modules = {n: t.module for n, t in engine.tensors.items()}
     shapes = layer_inputs(engine.model, modules, input_shape) if layers_mode == MEASURED else {}
-    cache: dict[tuple, tuple[float, float, int | None]] = {}
+    cache: dict[tuple, tuple[float, float, int | None, str]] = {}
     for name, t in engine.tensors.items():
         module, density = t.module, float(final_densities.get(name, t.density))
-        problem = conv_problem(module) if not isinstance(module, nn.Linear) else None
+        if nm:
+            problem = _two_four_problem(module, structure)
+        else:
+            problem = conv_problem(module) if not isinstance(module, nn.Linear) else None
         if problem:
             decisions[name] = Decision(MASKED, final_density=density, reason=problem)
         elif density >= 1.0:
             decisions[name] = Decision(MASKED, final_density=density, reason="dense at the end of training")
         elif layers_mode == ALL:
-            decisions[name] = Decision(SPARSE, max_density=1.0, final_density=density, format=BSR if block else CSR,
-                                       block=block, reason="backend_layers=all")
+            if nm:
+                decisions[name] = Decision(SPARSE, max_density=two_four.max_density(structure.m),
+                                           final_density=density, format=two_four.TWO_FOUR, reason="backend_layers=all")
+            else:
+                decisions[name] = Decision(SPARSE, max_density=1.0, final_density=density,
+                                           format=BSR if block else CSR, block=block, reason="backend_layers=all")
         else:
             if name not in shapes:
                 decisions[name] = Decision(MASKED, final_density=density, reason="not reached by a forward pass")
@@ -946,12 +1031,19 @@ def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shap
                          getattr(module, "stride", None), getattr(module, "padding", None),
                          getattr(module, "dilation", None))
             if signature not in cache:
-                compact = compact_steps(optimizer, amp) and t.powerprop is None
-                cache[signature] = probe(module, shapes[name], density, batch, device, optimizer=optimizer,
-                                         compact=compact, block=block)
+                if nm:
+                    cache[signature] = (*probe_two_four(module, shapes[name], batch, device, optimizer),
+                                        None, two_four.TWO_FOUR)
+                else:
+                    compact = compact_steps(optimizer, amp) and t.powerprop is None
+                    cache[signature] = probe(module, shapes[name], density, batch, device, optimizer=optimizer,
+                                             compact=compact, block=block)
             dense_ms, sparse_ms, chunk, fmt = cache[signature]
             pays = sparse_ms <= PAYS * dense_ms
-            max_density = min(1.0, density * dense_ms / sparse_ms) if pays else 0.0
+            if nm:  # a 2:4 product costs the same at every level n <= 2
+                max_density = two_four.max_density(structure.m) if pays else 0.0
+            else:
+                max_density = min(1.0, density * dense_ms / sparse_ms) if pays else 0.0
             decisions[name] = Decision(SPARSE if pays else MASKED, max_density, chunk if pays else None, density,
                                        round(sparse_ms, 3), round(dense_ms, 3), format=fmt,
                                        block=block if fmt == BSR else None)

@@ -1,0 +1,159 @@
+"""The 2:4 path of `backend=sparse` (sparse/two_four.py): N:M-masked Linear layers whose 16-bit
+training forward goes through torch's 2:4 kernels train as under `backend=masked`.
+
+torch's 2:4 kernels run only on CUDA GPUs of compute capability 8.0+. On the CPU the tests swap
+the one seam, `two_four.compress`, for a stand-in that checks the 2:4 pattern and keeps the matrix
+in the device-independent 2:4 storage (`kernels.pack_2_4`), round-tripped, under CPU bfloat16
+autocast: everything but the kernel is the real path. On a CUDA GPU (scripts/gpu_checks.sh runs
+`-k cuda`) the same tests run the real kernels under float16 autocast."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsebench.sparse import backend as sb
+from sparsebench.sparse import two_four
+from sparsebench.sparse.kernels import count_nm_violations, pack_2_4, semi_structured_device_problem, unpack_2_4
+from sparsebench.sparse.masked import MaskedModel
+from sparsebench.sparse.structure import SparsityStructure, StructureKind
+
+TWO_OF_FOUR = SparsityStructure(StructureKind.nm, 2, 4)
+CUDA_PROBLEM = semi_structured_device_problem("cuda")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(CUDA_PROBLEM), reason=str(CUDA_PROBLEM)))]
+
+
+def stand_in_compress(weight_16: torch.Tensor) -> torch.Tensor:
+    """What the CPU can do of `to_semi_structured`: refuse a non-2:4 matrix, keep 2 of every 4."""
+    assert count_nm_violations(weight_16, 2, 4) == 0, "a matrix that is not 2:4 reached the 2:4 kernel"
+    return unpack_2_4(*pack_2_4(weight_16))
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """The device, with the compression the tests count (the stand-in on the CPU)."""
+    device = torch.device(request.param)
+    real = stand_in_compress if device.type == "cpu" else two_four.compress
+    calls = []
+
+    def counted(weight_16):
+        calls.append(weight_16.shape)
+        return real(weight_16)
+
+    monkeypatch.setattr(two_four, "compress", counted)
+    return device, calls
+
+
+def mlp() -> nn.Module:
+    # 64x64 weights: shapes both torch 2:4 backends take; the 4x64 classifier is too few rows
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+
+class Twin:
+    """One model trained under autocast by the trainer's step order, on one backend."""
+
+    def __init__(self, device: torch.device, sparse: bool, density: float = 0.5):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = mlp().to(device)
+        self.engine = MaskedModel(self.model, structure=TWO_OF_FOUR)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.set_density(density)
+        self.backend = sb.MaskedBackend()
+        if sparse:
+            decisions = sb.decide(self.engine, {n: 0.5 for n in self.engine.names}, (), 0, device, sb.ALL)
+            self.backend = sb.SparseBackend(self.engine, self.optimizer, decisions, lambda step: False, amp=True)
+        self.steps = 0
+
+    def set_density(self, density: float) -> None:
+        densities = self.engine.round_densities({n: density for n in self.engine.names})
+        self.engine.set_masks(self.engine.magnitude_masks(densities), densities, self.optimizer)
+
+    def step(self, x, y) -> float:
+        self.backend.begin_step(self.steps)
+        with torch.autocast(self.device.type, dtype=torch.get_autocast_dtype(self.device.type)):
+            loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.engine.mask_gradients()
+        self.optimizer.step()
+        self.engine.apply_masks()
+        self.steps += 1
+        return loss.item()
+
+
+def batches(device, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 64, generator=g).to(device), torch.randint(0, 4, (16,), generator=g).to(device))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("kernels", DEVICES, indirect=True)
+def test_two_four_layers_train_as_under_masked(kernels):
+    """Same losses, weights and momentum as the masked backend under the same autocast; one
+    compression per layer per step (the weight changes every step), none for a float32 forward."""
+    device, calls = kernels
+    masked, sparse = Twin(device, False), Twin(device, True)
+    chosen = [n for n, d in sparse.backend.decisions.items() if d.path == sb.SPARSE]
+    assert chosen == ["0.weight", "2.weight"]  # the classifier's 4 rows are too few for the kernels
+    assert "multiple of" in sparse.backend.decisions["4.weight"].reason
+    # bfloat16 on the CPU, float16 on CUDA: summation order may differ from the dense kernel's
+    tol = 0.0 if device.type == "cpu" else 2e-2
+    for i, (x, y) in enumerate(batches(device, 6)):
+        assert sparse.step(x, y) == pytest.approx(masked.step(x, y), rel=tol, abs=tol)
+        assert len(calls) == 2 * (i + 1)
+    for name, p in masked.model.named_parameters():
+        q = sparse.model.get_parameter(name)
+        assert torch.allclose(q, p, rtol=tol, atol=tol), name
+        assert torch.allclose(sparse.optimizer.state[q]["momentum_buffer"],
+                              masked.optimizer.state[p]["momentum_buffer"], rtol=tol, atol=tol), name
+    for name, mask in masked.engine.masks().items():
+        assert torch.equal(sparse.engine.masks()[name], mask)
+        assert bool((sparse.model.get_parameter(name)[~mask] == 0).all())
+    with torch.no_grad():  # evaluation in float32: the layers' own dense forward
+        sparse.model(batches(device, 1)[0][0])
+    assert len(calls) == 12
+
+
+@pytest.mark.parametrize("kernels", ["cpu"], indirect=True)
+def test_levels_above_two_of_four_stay_dense(kernels):
+    """GMP passes 3:4 on its way to 2:4: a 3:4 mask never reaches the 2:4 kernel."""
+    device, calls = kernels
+    twin = Twin(device, True, density=0.75)
+    x, y = batches(device, 1)[0]
+    twin.step(x, y)
+    assert calls == []
+    assert count_nm_violations(twin.model[0].weight, 2, 4) > 0  # 3:4 indeed
+    twin.set_density(0.5)
+    twin.step(x, y)
+    assert len(calls) == 2
+
+
+def test_decisions_name_why_a_layer_stays_masked():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4), nn.Conv1d(4, 32, 1), nn.Flatten(), nn.Linear(64, 64))
+    engine = MaskedModel(model, structure=TWO_OF_FOUR)
+    decisions = sb.decide(engine, {n: 0.5 for n in engine.names}, (), 0, torch.device("cpu"), sb.ALL)
+    assert decisions["0.weight"].path == sb.SPARSE and decisions["0.weight"].format == two_four.TWO_FOUR
+    assert decisions["0.weight"].max_density == 0.5
+    assert decisions["1.weight"].path == sb.MASKED and "multiple of" in decisions["1.weight"].reason
+    assert decisions["2.weight"].path == sb.MASKED and "Linear layers only" in decisions["2.weight"].reason
+    eight = MaskedModel(nn.Sequential(nn.Linear(64, 64)), structure=SparsityStructure(StructureKind.nm, 4, 8))
+    decision = sb.decide(eight, {"0.weight": 0.5}, (), 0, torch.device("cpu"), sb.ALL)["0.weight"]
+    assert decision.path == sb.MASKED and "at most 2" in decision.reason
+
+
+@pytest.mark.parametrize("kernels", DEVICES, indirect=True)
+def test_measured_decisions_time_the_two_four_step(kernels):
+    device, calls = kernels
+    engine = MaskedModel(nn.Sequential(nn.Linear(64, 64)).to(device), structure=TWO_OF_FOUR)
+    decision = sb.decide(engine, {"0.weight": 0.5}, (64,), 32, device, sb.MEASURED)["0.weight"]
+    assert decision.format == two_four.TWO_FOUR and decision.sparse_ms > 0 and decision.dense_ms > 0
+    assert "sparse (2:4)" in decision.line("0.weight")
+    assert calls  # the compression is part of what was timed
+    assert decision.max_density == (0.5 if decision.path == sb.SPARSE else 0.0)
+
+
+def test_nm_levels_two_four_kernels_take():
+    assert two_four.nm_problem(2, 4) is None and two_four.nm_problem(1, 4) is None and two_four.nm_problem(2, 8) is None
+    assert "multiple of 4" in two_four.nm_problem(1, 3)
+    assert "at most 2" in two_four.nm_problem(3, 4)
+    assert two_four.max_density(8) == 0.25
