@@ -121,7 +121,7 @@ def case_2_4(out_features: int, in_features: int, rows: int, dtype: torch.dtype,
             optimizer.zero_grad(set_to_none=True)
             xs.grad = None
             if kind == "2:4":  # backend=sparse's 2:4 path: re-compressed because w changed at the last step
-                y = two_four.forward(xs, w, None, w, compressed_weight, None)
+                y = two_four.forward(xs, w, None, w, mask, compressed_weight, None)
             else:
                 y = F.linear(xs, w)
             y.backward(grad_y)

@@ -71,7 +71,7 @@ run_checks() {
         check semi_structured 45 bash -c "$sb train method=gmp distribution.structure=nm sparsity=0.5 results_root=$runs/nm ${mlp[*]@Q} &&
             run=\$(dirname \$(find $runs/nm -name final.json | head -1)) &&
             $sb export \$run --format semi_structured && $sb bench \$run --device $device --repeats 9 &&
-            $sb train backend=sparse amp=true method=gmp distribution.structure=nm sparsity=0.5 results_root=$runs/nm_sparse ${mlp[*]@Q}"
+            $sb train backend=sparse backend_layers=all amp=true method=gmp distribution.structure=nm sparsity=0.5 results_root=$runs/nm_sparse ${mlp[*]@Q}"
         check nccl 30 torchrun --standalone --nproc_per_node=1 -m sparsebench train method=rigl \
             results_root=$runs/nccl "${mlp[@]}"
         echo "=== summary"

@@ -6,6 +6,8 @@ the one seam, `two_four.compress`, for a stand-in that checks the 2:4 pattern an
 in the device-independent 2:4 storage (`kernels.pack_2_4`), round-tripped, under CPU bfloat16
 autocast: everything but the kernel is the real path. On a CUDA GPU (scripts/gpu_checks.sh runs
 `-k cuda`) the same tests run the real kernels under float16 autocast."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,14 @@ from torch import nn
 
 from sparsebench.sparse import backend as sb
 from sparsebench.sparse import two_four
-from sparsebench.sparse.kernels import count_nm_violations, pack_2_4, semi_structured_device_problem, unpack_2_4
+from sparsebench.sparse import kernels as sk
+from sparsebench.sparse.kernels import (
+    SparseFormatError,
+    count_nm_violations,
+    pack_2_4,
+    semi_structured_device_problem,
+    unpack_2_4,
+)
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.structure import SparsityStructure, StructureKind
 
@@ -44,8 +53,10 @@ def kernels(request, monkeypatch):
 
 
 def mlp() -> nn.Module:
-    # 64x64 weights: shapes both torch 2:4 backends take; the 4x64 classifier is too few rows
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    # 64x64 weights: shapes both torch 2:4 backends take; the 4x64 classifier is too few rows. The
+    # in-place ReLUs are the registry's: they modify the 2:4 layers' outputs in place.
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(inplace=True), nn.Linear(64, 64), nn.ReLU(inplace=True),
+                         nn.Linear(64, 4))
 
 
 class Twin:
@@ -157,3 +168,130 @@ def test_nm_levels_two_four_kernels_take():
     assert "multiple of 4" in two_four.nm_problem(1, 3)
     assert "at most 2" in two_four.nm_problem(3, 4)
     assert two_four.max_density(8) == 0.25
+
+
+def two_four_weight(rows=64, cols=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=g)
+    mask = TWO_OF_FOUR.topk(weight.abs(), 0.5)
+    return (weight * mask).requires_grad_(), mask
+
+
+@pytest.mark.parametrize("kernels", ["cpu"], indirect=True)
+@pytest.mark.parametrize("lead", [(5,), (3, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_function_equals_autocast_linear(kernels, lead, bias):
+    """Outputs and all three gradients equal autocast's F.linear, for an odd batch, a 3-D input,
+    with and without bias, and with the output then modified in place (a view would be refused)."""
+    weight, mask = two_four_weight()
+    b = torch.randn(64).requires_grad_() if bias else None
+    x = torch.randn(*lead, 64).requires_grad_()
+    grads = []
+    for forward in (lambda: F.linear(x, weight, b),
+                    lambda: two_four.forward(x, weight, b, weight, mask, two_four.CompressedWeight(), None)):
+        x.grad = weight.grad = None
+        if b is not None:
+            b.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = nn.functional.relu(forward(), inplace=True)
+        y.float().square().sum().backward()
+        grads.append((y.detach().clone(), x.grad, weight.grad, None if b is None else b.grad))
+    assert grads[1][0].shape == (*lead, 64) and grads[1][0].dtype == torch.bfloat16
+    for dense, sparse in zip(*grads):
+        assert (dense is None) == (sparse is None)
+        if dense is not None:
+            assert torch.equal(sparse, dense)
+
+
+def test_forward_multiplies_the_compressed_operand(monkeypatch):
+    """The forward's product is with what `compress` returned, not with the dense copy: a stand-in
+    returning zeros leaves only the bias, while the input gradient still uses the dense weight."""
+    monkeypatch.setattr(two_four, "compress", torch.zeros_like)
+    weight, mask = two_four_weight()
+    bias = torch.arange(64.0)
+    x = torch.randn(8, 64).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = two_four.forward(x, weight, bias, weight, mask, two_four.CompressedWeight(), None)
+    assert torch.equal(y.float(), bias.expand(8, 64))
+    y.float().sum().backward()
+    assert torch.equal(x.grad, torch.ones(8, 64).bfloat16() @ weight.detach().bfloat16())
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+    lambda p: torch.optim.Adam(p, lr=0.1, foreach=True),
+    lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+], ids=["sgd", "sgd-foreach", "adam-foreach", "adamw-fused"])
+def test_every_optimizer_update_recompresses(monkeypatch, optimizer):
+    """Every optimizer kind's update rebuilds the compressed copy: most move the parameter's version
+    counter; AdamW(fused=True) does not, and the backend's optimizer hook invalidates the copy."""
+    monkeypatch.setattr(two_four, "compress", stand_in_compress)
+    weight, mask = two_four_weight()
+    update = optimizer([weight])
+    weights = two_four.CompressedWeight()
+    update.register_step_post_hook(lambda *_: weights.invalidate())  # as SparseBackend._after_optimizer_step
+    x = torch.randn(8, 64)
+    for step in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            two_four.forward(x, weight, None, weight, mask, weights, None).float().sum().backward()
+        weight.grad.mul_(mask)  # the engine's gradient mask: the update keeps the weight 2:4
+        update.step()
+        assert weights.builds == step + 1  # the next forward rebuilds
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        two_four.forward(x, weight, None, weight, mask, weights, None)  # after the last update: rebuilt
+        two_four.forward(x, weight, None, weight, mask, weights, None)  # no write since: the same copy
+    assert weights.builds == 4
+    assert torch.equal(weights.dense, weight.detach().bfloat16())
+
+
+def test_the_pattern_is_checked_once_per_mask(monkeypatch):
+    """A mask that is not 2:4 is refused (the kernels would drop its third weight of a group), and
+    the check, a GPU-to-CPU sync on CUDA, runs only when the mask changed, not every step."""
+    monkeypatch.setattr(two_four, "compress", stand_in_compress)
+    counts = []
+    real_count = sk.count_nm_violations
+    monkeypatch.setattr(sk, "count_nm_violations", lambda *a: counts.append(1) or real_count(*a))
+    weight, mask = two_four_weight()
+    weights = two_four.CompressedWeight()
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            two_four.forward(x, weight, None, weight, mask, weights, None)
+            weight.mul_(1.0)  # a write: recompressed, the mask unchanged
+    assert weights.builds == 3 and len(counts) == 1
+    mask[0, :4] = True  # 4 of 4
+    with pytest.raises(SparseFormatError, match="1 groups of 4 .* more than 2"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            two_four.forward(x, weight, None, weight, mask, weights, None)
+
+
+def test_a_resumed_run_keeps_only_the_layers_this_gpu_takes():
+    """A checkpoint's 2:4 decisions are checked again on resume (the GPU's 2:4 backend may need
+    other shape multiples): a layer that fails goes to the masked path, with its line logged."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 4))
+    engine = MaskedModel(model, structure=TWO_OF_FOUR)
+    saved_decision = {"path": sb.SPARSE, "max_density": 0.5, "final_density": 0.5, "format": two_four.TWO_FOUR,
+                      "reason": "backend_layers=all"}
+    saved = {"backend": sb.SPARSE, "layers_mode": sb.ALL,
+             "decisions": {"0.weight": dict(saved_decision), "1.weight": dict(saved_decision)}}
+    cfg = SimpleNamespace(run=SimpleNamespace(backend=SimpleNamespace(value=sb.SPARSE),
+                                              backend_layers=SimpleNamespace(value=sb.ALL), amp=True))
+    run = SimpleNamespace(cfg=cfg, method=None, engine=engine, device=torch.device("cpu"),
+                          optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    lines = []
+    backend = sb.create(run, saved, lines.append)
+    assert backend.decisions["0.weight"].path == sb.SPARSE
+    assert backend.decisions["1.weight"].path == sb.MASKED
+    assert "resumed here" in backend.decisions["1.weight"].reason and "multiple of" in lines[0]
+    assert backend.state_dict()["decisions"]["1.weight"]["path"] == sb.MASKED
+
+
+def test_a_fused_update_leaves_the_version_counter_as_it_was():
+    """Why the backend invalidates after each optimizer step: should torch start moving the counter
+    in fused kernels, this fails and the hook may go."""
+    weight = torch.zeros(4, 4, requires_grad=True)
+    weight.grad = torch.ones(4, 4)
+    before = weight._version
+    torch.optim.AdamW([weight], lr=0.1, fused=True).step()
+    assert weight._version == before and bool((weight != 0).all())

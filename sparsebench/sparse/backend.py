@@ -115,7 +115,7 @@ from sparsebench.sparse import two_four
 from sparsebench.sparse.kernels import (
     chunk_columns,
     semi_structured_device_problem,
-    semi_structured_weight_problem,
+    semi_structured_shape_problem,
     sparse_mm_t,
     transposed_copy,
 )
@@ -604,8 +604,8 @@ class _Layer:
         if not self.on_sparse_path():
             return self._dense_forward(x)
         if self.two_four is not None:
-            return two_four.forward(x, self.module.weight, self.module.bias, self.t.param, self.two_four,
-                                    self._dense_forward)
+            return two_four.forward(x, self.module.weight, self.module.bias, self.t.param, self.t.mask,
+                                    self.two_four, self._dense_forward)
         self.refresh_index()
         if self.index.nnz == 0:
             return self._dense_forward(x)
@@ -872,7 +872,7 @@ def probe_two_four(module: nn.Module, input_shape: tuple[int, ...], batch: int, 
 
     candidates = {
         "masked": step(lambda: F.linear(x, weight)),
-        two_four.TWO_FOUR: step(lambda: two_four.forward(x, weight, None, weight, weights, None)),
+        two_four.TWO_FOUR: step(lambda: two_four.forward(x, weight, None, weight, mask, weights, None)),
     }
     timed = _timer(device)
     for fn in candidates.values():  # untimed first calls: cuSPARSELt handles, autocast caches
@@ -957,6 +957,8 @@ class SparseBackend:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         done = set()
         for name, layer in self.layers.items():
+            if layer.two_four is not None:
+                layer.two_four.invalidate()  # a fused optimizer's write leaves the version counter as it was
             if layer.pending is not None and layer.step(optimizer, self._groups[id(layer.t.param)]):
                 done.add(name)
         if done:
@@ -989,8 +991,10 @@ def _two_four_problem(module: nn.Module, structure: SparsityStructure) -> str | 
     """Why a layer of an N:M run cannot take the 2:4 path (None: it can)."""
     if not isinstance(module, nn.Linear):
         return "the 2:4 path takes Linear layers only (a convolution keeps its dense kernel)"
-    return two_four.nm_problem(structure.n, structure.m) or semi_structured_weight_problem(
-        torch.zeros(module.weight.shape), "weight", check_dtype=False)
+    rows, cols = module.weight.shape
+    # float16 and bfloat16 share their shape multiples; the run's autocast dtype is float16
+    return two_four.nm_problem(structure.n, structure.m) or semi_structured_shape_problem(
+        rows, cols, torch.float16, "weight")
 
 
 def decide(engine: MaskedModel, final_densities: Mapping[str, float], input_shape: tuple[int, ...],
@@ -1071,6 +1075,12 @@ def create(run, saved: Mapping | None, log: Callable[[str], None]):
     amp = cfg.run.amp and run.device.type == "cuda"
     if saved and saved.get("backend") == SPARSE:
         decisions = {n: Decision(**d) for n, d in saved["decisions"].items()}
+        for name, decision in decisions.items():
+            problem = decision.format == two_four.TWO_FOUR and _two_four_problem(run.engine.tensors[name].module,
+                                                                                 run.engine.structure)
+            if problem:  # resumed on a GPU whose 2:4 backend has other shape multiples
+                decisions[name] = Decision(MASKED, final_density=decision.final_density, reason=f"resumed here: {problem}")
+                log(decisions[name].line(name))
         log(f"backend sparse: resumed with {sum(d.path == SPARSE for d in decisions.values())} of "
             f"{len(decisions)} prunable layers on the sparse path")
     else:

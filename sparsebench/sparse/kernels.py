@@ -250,22 +250,28 @@ def semi_structured_problem(weight_2d: torch.Tensor, name: str = "weight") -> st
     return semi_structured_weight_problem(weight_2d, name)
 
 
-def semi_structured_weight_problem(
-    weight_2d: torch.Tensor, name: str = "weight", check_dtype: bool = True
-) -> str | None:
-    """The device-independent part of `semi_structured_problem`: dtype, shape multiples, 2:4 pattern.
-
-    Shape multiples are those of the backend torch would use here (cuSPARSELt when available,
-    else CUTLASS); without CUDA both backends' multiples are required.
-    """
-    if check_dtype and weight_2d.dtype not in SEMI_STRUCTURED_DTYPES:
+def semi_structured_weight_problem(weight_2d: torch.Tensor, name: str = "weight") -> str | None:
+    """The device-independent part of `semi_structured_problem`: dtype, shape multiples
+    (`semi_structured_shape_problem`), 2:4 pattern."""
+    if weight_2d.dtype not in SEMI_STRUCTURED_DTYPES:
         return (f"{name}: 2:4 semi-structured kernels need float16 or bfloat16 weights, got "
                 f"{str(weight_2d.dtype).replace('torch.', '')} (convert the model with .half() or .bfloat16())")
     rows, cols = weight_2d.shape
-    dtype = weight_2d.dtype if weight_2d.dtype in SEMI_STRUCTURED_DTYPES else torch.float16
+    problem = semi_structured_shape_problem(rows, cols, weight_2d.dtype, name)
+    if problem:
+        return problem
+    over = count_nm_violations(weight_2d, 2, 4)
+    if over:
+        return (f"{name}: {over} of {rows * cols // 4} groups of 4 consecutive weights hold more than 2 non-zeros; "
+                "2:4 semi-structured needs a run trained with distribution.structure=nm (n=2, m=4)")
+    return None
+
+
+def semi_structured_shape_problem(rows: int, cols: int, dtype: torch.dtype, name: str = "weight") -> str | None:
+    """Why a rows x cols matrix of `dtype` misses the shape multiples of the 2:4 backend torch would
+    use here (cuSPARSELt when available, else CUTLASS; without CUDA both backends' multiples)."""
     if torch.cuda.is_available():
-        backend, _ = _semi_structured_backend()
-        backends = [backend]
+        backends = [_semi_structured_backend()[0]]
     else:
         from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
@@ -276,10 +282,6 @@ def semi_structured_weight_problem(
             return (f"{name}: 2:4 semi-structured ({backend.BACKEND}) needs the {rows}x{cols} matrix's rows to be a "
                     f"multiple of {need.sparse_min_rows} and its columns of {need.sparse_min_cols} for "
                     f"{str(dtype).replace('torch.', '')}; keep the layer dense")
-    over = count_nm_violations(weight_2d, 2, 4)
-    if over:
-        return (f"{name}: {over} of {rows * cols // 4} groups of 4 consecutive weights hold more than 2 non-zeros; "
-                "2:4 semi-structured needs a run trained with distribution.structure=nm (n=2, m=4)")
     return None
 
 
@@ -297,7 +299,13 @@ def to_semi_structured(weight_2d: torch.Tensor, name: str = "weight") -> torch.T
     problem = semi_structured_problem(weight_2d, name)
     if problem:
         raise SparseFormatError(problem)
-    # The class whose shape rules semi_structured_problem checked (torch's to_sparse_semi_structured
+    return semi_structured_from_dense(weight_2d)
+
+
+def semi_structured_from_dense(weight_2d: torch.Tensor) -> torch.Tensor:
+    """`to_semi_structured` without its checks, for a caller that made them once (the 2:4 training
+    path compresses every step, and the pattern check would cost a GPU-to-CPU sync each time)."""
+    # The class whose shape rules semi_structured_shape_problem checks (torch's to_sparse_semi_structured
     # picks cuSPARSELt unless CUTLASS is forced, even where this torch has no cuSPARSELt).
     backend, _ = _semi_structured_backend()
     return backend.from_dense(weight_2d.detach().contiguous())

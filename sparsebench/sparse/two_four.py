@@ -13,8 +13,8 @@ the design:
   method's masks. So the input gradient and the weight gradient dL/dW = dL/dy^T x are dense
   16-bit GEMMs, as autocast would run them, and the weight gradient reaches `.grad` dense: the
   engine masks it and the torch optimizer steps it exactly as under `backend=masked`.
-* The compressed weight is a copy. It is rebuilt whenever the parameter has been written (its
-  version counter moved: after every optimizer step, mask change or checkpoint load), the
+* The compressed weight is a copy. It is rebuilt after every optimizer step and whenever else the
+  parameter has been written (a mask change, a checkpoint load: its version counter moved), the
   re-sparsification torch's semi-structured training examples do after each optimizer step. Its
   cost, one compression of the layer per step, is part of what `backend.probe_two_four` times.
 * Only a 16-bit forward takes the path: the training forward under autocast (`amp=true`). An
@@ -36,7 +36,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from sparsebench.sparse.kernels import SEMI_STRUCTURED_DTYPES, to_semi_structured
+from sparsebench.sparse import kernels
+from sparsebench.sparse.kernels import SEMI_STRUCTURED_DTYPES, SparseFormatError
 
 TWO_FOUR = "semi_structured"  # the format name a layer's Decision carries
 
@@ -65,21 +66,45 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def compress(weight_16: torch.Tensor) -> torch.Tensor:
-    """The 2:4 compressed operand of a 16-bit masked weight (torch's kernels; CUDA only)."""
-    return to_semi_structured(weight_16, "weight")
+    """The 2:4 compressed operand of a 16-bit masked weight (torch's kernels; CUDA only). Unchecked:
+    `CompressedWeight` checks the pattern once per mask, not once per step."""
+    return kernels.semi_structured_from_dense(weight_16)
 
 
 class CompressedWeight:
     """One layer's masked weight in 16 bits: the compressed forward operand and the dense copy the
-    input gradient multiplies with, rebuilt whenever `param` has been written since."""
+    input gradient multiplies with, rebuilt whenever `param` has been written since.
+
+    "Written" is read from the parameter's version counter, which in-place writes move: the engine's
+    `apply_masks`, a mask change, a checkpoint load, and most optimizers' updates. A fused
+    optimizer's kernel (AdamW(fused=True)) leaves it as it was, so the backend also calls
+    `invalidate` after every optimizer step (tests/test_two_four.py checks both). The mask's own counter moves
+    only when the engine installs a new mask; only then is its 2:4 pattern checked (a count that
+    costs a GPU-to-CPU sync), since the kernels would silently drop a third non-zero of a group."""
 
     def __init__(self):
         self._key: tuple | None = None
+        self._mask_key: tuple | None = None
         self.sparse: torch.Tensor | None = None
         self.dense: torch.Tensor | None = None
         self.builds = 0  # compressions so far (one per parameter update)
 
-    def of(self, weight: torch.Tensor, param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_pattern(self, mask: torch.Tensor) -> None:
+        key = (mask._version, mask.data_ptr())
+        if key != self._mask_key:
+            over = kernels.count_nm_violations(mask.reshape(mask.shape[0], -1), 2, 4)
+            if over:
+                raise SparseFormatError(f"{over} groups of 4 consecutive weights hold more than 2 active weights: "
+                                        "the mask is not 2:4 and the 2:4 kernels would drop weights")
+            self._mask_key = key
+
+    def invalidate(self) -> None:
+        """Rebuild at the next forward whatever the version counter says."""
+        self._key = None
+
+    def of(self, weight: torch.Tensor, param: torch.Tensor, mask: torch.Tensor,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_pattern(mask)
         key = (param._version, param.data_ptr(), dtype)
         if key != self._key:
             with torch.no_grad():
@@ -96,13 +121,16 @@ class TwoFourLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sparse, dense):
         dtype = dense.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        # contiguous: the 2:4 kernels read the dense operand as a plain row-major matrix
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
         with torch.autocast(x.device.type, enabled=False):  # operands are 16-bit already; no casts of the 2:4 copy
-            y = F.linear(x2, sparse, None if bias is None else bias.to(dtype))
+            y = F.linear(x2, sparse, None if bias is None else bias.to(dtype)).contiguous()
         ctx.save_for_backward(x2, dense)
         ctx.input_shape, ctx.input_dtype, ctx.weight_dtype = x.shape, x.dtype, weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        # y over its own storage, not a reshape: a custom Function's output that is a view may not be
+        # modified in place, and the next layer's ReLU(inplace=True) does exactly that
+        return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), (*x.shape[:-1], y.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -119,10 +147,11 @@ class TwoFourLinear(torch.autograd.Function):
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, param: torch.Tensor,
-            weights: CompressedWeight, dense_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+            mask: torch.Tensor, weights: CompressedWeight,
+            dense_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """A layer's forward on the 2:4 path: the Function for a 16-bit forward, `dense_forward` otherwise."""
     dtype = compute_dtype(x)
     if dtype is None:
         return dense_forward(x)
-    sparse, dense = weights.of(weight, param, dtype)
+    sparse, dense = weights.of(weight, param, mask, dtype)
     return TwoFourLinear.apply(x, weight, bias, sparse, dense)
