@@ -1,6 +1,7 @@
 """The `sparsebench train` command end to end: bad input, the files a run writes, resume, sweeps."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,10 +257,16 @@ def test_user_config_dir_adds_methods(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_ships_the_configs(tmp_path):
-    """conf/ must be inside the installed package, not only in the source tree."""
+    """conf/ and every subpackage must be inside the installed package, not only in the source
+    tree (sparsebench.search was once left out of pyproject's package list)."""
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy without build/: setuptools would pack files left there by an earlier build
+    for folder in ("conf", "sparsebench"):
+        shutil.copytree(root / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(source)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr
@@ -267,6 +274,8 @@ def test_wheel_ships_the_configs(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
                    check=True, capture_output=True)
     assert (tmp_path / "site" / "sparsebench" / "conf" / "method" / "gap.yaml").is_file()
+    for init in (root / "sparsebench").rglob("__init__.py"):
+        assert (tmp_path / "site" / "sparsebench" / init.relative_to(root / "sparsebench")).is_file(), init.parent.name
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run([sys.executable, "-m", "sparsebench", "train", "--cfg", "job"],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
