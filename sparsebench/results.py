@@ -215,6 +215,20 @@ def run_lock(path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def drop_leftover_checkpoint(path: Path) -> None:
+    """A run killed between writing final.json and removing its checkpoint is complete and will
+    never read that checkpoint again: remove it, under the run's lock (a `rerun=true` launch may be
+    training the run afresh). Best effort: a read-only tree keeps it."""
+    if not (Path(path) / CHECKPOINT_FILE).exists():
+        return
+    try:
+        with run_lock(Path(path)) as locked:
+            if locked and is_complete(path):
+                (Path(path) / CHECKPOINT_FILE).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def clear_run(path: Path) -> None:
     """Forget a run's results before training it again (`rerun=true`): final.json first, so the
     directory is never a complete-looking mix of old and new files."""

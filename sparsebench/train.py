@@ -219,6 +219,8 @@ def train(cfg: Config, resolved: dict, config_yaml: str) -> Path | None:
     path = results.run_dir(resolved)
     if not cfg.run.dry_run and not cfg.run.rerun and distributed.agree(results.is_complete(path), processes):
         log(f"already complete, skipped: {path}")  # before building anything: a done sweep relaunches fast
+        if processes.writer:
+            results.drop_leftover_checkpoint(path)
         return path
     run = build_run(cfg, with_optimizer=not cfg.run.dry_run)  # every user error surfaces here, before any directory exists
     distributed.check(cfg, processes)

@@ -31,8 +31,11 @@ def test_finished_run_is_skipped_without_building_and_rerun_trains_it_again(tmp_
         raise AssertionError("a finished run was built before being skipped")
 
     monkeypatch.setattr(train, "build_run", must_not_build)
+    # killed between writing final.json and removing the checkpoint: the skip removes the leftover
+    (run / results.CHECKPOINT_FILE).write_bytes(b"a checkpoint that is never read again")
     assert cli.main(args) == 0
     assert "already complete, skipped" in capsys.readouterr().out
+    assert not (run / results.CHECKPOINT_FILE).exists()
     monkeypatch.undo()
 
     (run / "bench.json").write_text("{}")
