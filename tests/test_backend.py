@@ -15,6 +15,7 @@ from sparsebench.sparse import backend as sb
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.powerprop import apply_powerprop
 from sparsebench.sparse.structure import UNSTRUCTURED, SparsityStructure, StructureKind
+from trainer_step import trainer_step
 
 # fp32: max |sparse - masked| <= TOL * max(1, max |masked|): summation order only (observed ~1e-6).
 TOL = 1e-5
@@ -224,15 +225,7 @@ class Twin:
         self.steps = 0
 
     def step(self, x, y) -> float:
-        self.backend.begin_step(self.steps)
-        loss = F.cross_entropy(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.engine.mask_gradients()
-        self.optimizer.step()
-        self.engine.apply_masks()
-        self.steps += 1
-        return loss.item()
+        return trainer_step(self, x, y)
 
     def state(self) -> dict:
         self.backend.settle()

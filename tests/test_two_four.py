@@ -25,6 +25,7 @@ from sparsebench.sparse.kernels import (
 )
 from sparsebench.sparse.masked import MaskedModel
 from sparsebench.sparse.structure import SparsityStructure, StructureKind
+from trainer_step import trainer_step
 
 TWO_OF_FOUR = SparsityStructure(StructureKind.nm, 2, 4)
 CUDA_PROBLEM = semi_structured_device_problem("cuda")
@@ -80,16 +81,7 @@ class Twin:
         self.engine.set_masks(self.engine.magnitude_masks(densities), densities, self.optimizer)
 
     def step(self, x, y) -> float:
-        self.backend.begin_step(self.steps)
-        with torch.autocast(self.device.type, dtype=torch.get_autocast_dtype(self.device.type)):
-            loss = F.cross_entropy(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.engine.mask_gradients()
-        self.optimizer.step()
-        self.engine.apply_masks()
-        self.steps += 1
-        return loss.item()
+        return trainer_step(self, x, y, autocast=True)
 
 
 def batches(device, n, seed=0):
