@@ -593,6 +593,25 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+# Upper bounds: beyond them torch fails inside its allocator (a batch of 10^8) or crashes (10^5
+# OpenMP threads), where a one-line refusal belongs.
+MAX_BATCH, MAX_THREADS = 65_536, 1024
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = _int_list(text)
+    if max(sizes) > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"batch sizes are at most {MAX_BATCH}, got {max(sizes)}")
+    return sizes
+
+
+def _threads(text: str) -> int:
+    threads = _positive(text)
+    if threads > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_THREADS} threads, got {threads}")
+    return threads
+
+
 def _formats(text: str) -> list[str]:
     values = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [v for v in values if v not in FORMATS]
@@ -607,11 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("target", nargs="+", metavar="RUN_DIR | key=value",
                         help="a completed run directory, or train overrides "
                              "(model=... sparsity=... distribution.structure=...)")
-    parser.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES), metavar="B,B,...",
-                        help="inference batch sizes (default 1,64,256); the training step uses the largest")
+    parser.add_argument("--batch-sizes", type=_batch_sizes, default=list(DEFAULT_BATCH_SIZES), metavar="B,B,...",
+                        help="inference batch sizes (default 1,64,256; at most 65536); the training step uses the largest")
     parser.add_argument("--repeats", type=_positive, default=15, metavar="N", help="timed repeats (default 15)")
     parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed repeats first (default 3)")
-    parser.add_argument("--threads", type=_positive, default=2, metavar="N", help="torch threads (default 2)")
+    parser.add_argument("--threads", type=_threads, default=2, metavar="N", help="torch threads (default 2; at most 1024)")
     parser.add_argument("--formats", type=_formats, default=list(FORMATS), metavar="F,F",
                         help=f"formats to try (default {','.join(FORMATS)})")
     parser.add_argument("--block", type=_positive, metavar="N",
@@ -665,12 +684,20 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, Path | None]:
         out = out / BENCH_FILE if out.is_dir() else out
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: directory {out.parent} does not exist")
+        if results.overwrites_run_file(out):
+            raise UserError(f"--out {out}: {out.name} is a file of the run directory {out.parent}; "
+                            "write the JSON under another name")
     settings = Settings(sorted(set(args.batch_sizes)), args.repeats, args.warmup, args.threads, args.formats,
                         args.block, device, args.half, args.memory != "none", not args.no_train)
     previous = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         report = benchmark(run, settings, source)
+    except (MemoryError, RuntimeError) as error:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
+        if not isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) and "can't allocate memory" not in str(error):
+            raise
+        raise UserError(f"out of memory at --batch-sizes {','.join(map(str, settings.batch_sizes))}: "
+                        "use smaller batches") from None
     finally:
         torch.set_num_threads(previous)
     if out is not None:

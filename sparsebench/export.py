@@ -485,6 +485,9 @@ def export_run(
         target = out / target.name if out.is_dir() else out
     if not target.parent.is_dir():
         raise UserError(f"--out {out}: directory {target.parent} does not exist")
+    if results.overwrites_run_file(target):
+        raise UserError(f"--out {out}: {target.name} is a file of the run directory {target.parent}; "
+                        "write the export under another name")
     try:
         results.atomic_torch_save(target, payload)
     except OSError as err:

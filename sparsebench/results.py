@@ -45,6 +45,14 @@ SEARCH_DIRECTORY_METHODS = ("dass", "evopress")
 SEARCH_STATE_FILE = "search_state.pt"  # a search's checkpoint of its own work (search/base.py)
 
 
+def overwrites_run_file(target: Path) -> bool:
+    """Whether writing `target` would replace a file a run directory owns (its model, final.json,
+    config, metrics, checkpoint): `export`/`bench --out` must never break the run they read."""
+    own = (CONFIG_FILE, METRICS_FILE, MASK_UPDATES_FILE, FINAL_FILE, MODEL_FILE, CHECKPOINT_FILE, LOCK_FILE,
+           SEARCH_STATE_FILE)
+    return Path(target).name in own and (Path(target).parent / CONFIG_FILE).exists()
+
+
 # Keys added after results were first published, with the value that reproduces the earlier
 # behaviour: at that value they stay out of the hash, so adding such a key never moves the
 # directories of existing runs (they are still found, skipped or resumed). A new key whose

@@ -113,6 +113,8 @@ def test_bench_training_backend_hook(run_dir, tmp_path, monkeypatch):
     (["--batch-sizes", "0"], "positive whole numbers"),
     (["--formats", "coo"], "unknown format"),
     (["--repeats", "x"], "positive whole number"),
+    (["--batch-sizes", "1,100000000"], "batch sizes are at most 65536"),  # torch's allocator failed with a traceback
+    (["--threads", "100000"], "at most 1024 threads"),  # torch crashed with SIGSEGV
 ])
 def test_bench_bad_arguments_are_one_line(tmp_path, capsys, args, expected):
     assert main(["bench", str(tmp_path), *args]) == 2
@@ -128,3 +130,25 @@ def test_bench_refuses_a_missing_run_and_mixed_targets(tmp_path, capsys):
     assert main(["bench", str(tmp_path)]) == 2  # a directory without config.yaml
     err = capsys.readouterr().err.strip()
     assert "not a run directory" in err and "\n" not in err
+
+
+def test_bench_never_overwrites_the_runs_own_files(run_dir, capsys):
+    model = (run_dir / "model.pt").read_bytes()
+    assert main(["bench", str(run_dir), "--out", str(run_dir / "model.pt"), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.pt is a file of the run directory" in err and "\n" not in err
+    assert (run_dir / "model.pt").read_bytes() == model
+
+
+def test_bench_out_of_memory_is_one_line(run_dir, capsys, monkeypatch):
+    import sparsebench.bench as bench
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 160000000000 bytes")
+
+    monkeypatch.setattr(bench, "benchmark", allocate)
+    assert main(["bench", str(run_dir), "--batch-sizes", "60000", "--out", str(run_dir / "elsewhere.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sparsebench bench: error: out of memory at --batch-sizes 60000: use smaller batches"
+    assert not (run_dir / "elsewhere.json").exists()

@@ -284,6 +284,16 @@ def test_export_out_path(runs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["model.pt", "final.json", "config.yaml", "metrics.jsonl"])
+def test_export_never_overwrites_the_runs_own_files(runs, capsys, name):
+    run = runs["unstructured"]
+    before = (run / name).read_bytes()
+    assert main(["export", str(run), "--format", "csr", "--out", str(run / name)]) == 2
+    assert f"{name} is a file of the run directory" in one_error_line(capsys)
+    assert (run / name).read_bytes() == before
+
+
+@pytest.mark.slow
 def test_export_refuses_partial_blocks_without_block(runs, capsys):
     assert main(["export", str(runs["unstructured"]), "--format", "bsr"]) == 2
     err = one_error_line(capsys)
