@@ -287,3 +287,27 @@ def test_a_fused_update_leaves_the_version_counter_as_it_was():
     before = weight._version
     torch.optim.AdamW([weight], lr=0.1, fused=True).step()
     assert weight._version == before and bool((weight != 0).all())
+
+
+@pytest.mark.parametrize("kernels", ["cpu"], indirect=True)
+def test_the_backend_invalidates_its_copies_after_every_optimizer_step(kernels):
+    """With a fused optimizer and no re-masking write, only the backend's optimizer hook tells the
+    2:4 copy that the weight changed: one compression per step all the same."""
+    device, calls = kernels
+    model = nn.Sequential(nn.Linear(64, 64))
+    engine = MaskedModel(model, structure=TWO_OF_FOUR)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    densities = engine.round_densities({n: 0.5 for n in engine.names})
+    engine.set_masks(engine.magnitude_masks(densities), densities, optimizer)
+    backend = sb.SparseBackend(engine, optimizer, sb.decide(engine, densities, (), 0, device, sb.ALL),
+                               lambda step: False, amp=True)
+    x = torch.randn(8, 64)
+    for step in range(2):
+        backend.begin_step(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().sum().backward()
+        engine.mask_gradients()  # masked gradients and decoupled decay keep the weight 2:4
+        optimizer.step()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(x)
+    assert len(calls) == 3
